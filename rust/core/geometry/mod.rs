@@ -1,0 +1,1 @@
+//! Disk geometry (filled in by the geometry work).

@@ -1,0 +1,1 @@
+//! Worker pool and jobs (filled in by the jobs work).
