@@ -1,1 +1,5 @@
-//! Block layer.
+//! The block layer: backends (where bytes live) and the node that guards them.
+
+pub mod backend;
+
+pub use backend::Backend;

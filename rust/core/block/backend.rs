@@ -1,0 +1,55 @@
+//! The storage interface every image format and transport implements.
+
+use crate::Result;
+
+/// Positional storage: the bottom of every node. Implementations are shared between the
+/// thread that plays the CPU and the job workers, so every method takes `&self`.
+///
+/// Contract: `read_at`/`write_at` transfer the whole buffer or fail; callers (the node) have
+/// already checked the range against `len()`. Reads past the end are the caller's bug.
+pub trait Backend: Send + Sync {
+    /// A short name of the kind of backend ("file", "memory", "fault", ...).
+    fn kind(&self) -> &'static str;
+
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+
+    /// The current length in bytes (re-read from the storage, not cached).
+    fn len(&self) -> Result<u64>;
+
+    /// Deallocates a range where the backend can; the range then reads as zeroes.
+    /// Backends that cannot discard return `Ok(false)` and leave the data as it was.
+    fn discard(&self, _offset: u64, _len: u64) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Makes a range read as zeroes, cheaply where the backend can.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK) as usize;
+            self.write_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Drops every cached copy of the data this backend (or the host for it) holds, so the
+    /// next read goes to the storage. Called when a node is activated.
+    fn drop_caches(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Bytes actually allocated on the storage, where known.
+    fn allocated(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
+}
