@@ -1,0 +1,254 @@
+//! Opening and creating images: spec parsing, format probing, the node around a backend.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::file::FileBackend;
+use super::lock::{self, LockSet};
+use super::memory::MemoryBackend;
+use super::node::{BlockNode, CacheMode, NodeConfig};
+use super::Backend;
+use crate::{Error, Result, SECTOR_SIZE};
+
+/// Image formats blockemu knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+impl Format {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            other => Err(Error::format(format!(
+                "unknown image format {other:?} (expected \"raw\" or \"qcow2\")"
+            ))),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+        }
+    }
+    /// Recognizes a format from the first bytes of an image (qcow2 magic, else raw).
+    pub fn probe(head: &[u8]) -> Format {
+        if head.len() >= 4 && &head[..4] == QCOW2_MAGIC {
+            Format::Qcow2
+        } else {
+            Format::Raw
+        }
+    }
+}
+
+fn qcow2_unsupported(path: &Path) -> Error {
+    Error::format("qcow2 images are not supported by this version of blockemu yet").with_path(path)
+}
+
+/// What an image is opened from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSpec {
+    File(PathBuf),
+    Nbd(String),
+}
+
+impl ImageSpec {
+    pub fn parse(spec: &str) -> Result<Self> {
+        if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
+            return Ok(ImageSpec::Nbd(spec.to_string()));
+        }
+        if spec.is_empty() {
+            return Err(Error::invalid("empty image path"));
+        }
+        Ok(ImageSpec::File(PathBuf::from(spec)))
+    }
+}
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct ImageOptions {
+    pub format: Option<Format>,
+    pub readonly: bool,
+    pub active: bool,
+    pub cache: CacheMode,
+    /// Skip image locking altogether (like `qemu-img -U`); only for read-only opens.
+    pub force_share: bool,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        ImageOptions {
+            format: None,
+            readonly: false,
+            active: true,
+            cache: CacheMode::Writeback,
+            force_share: false,
+        }
+    }
+}
+
+/// Opens an image as a node. An inactive open validates the file (it exists, is a regular
+/// file or block device we may open as asked, its lock is compatible) and reads nothing.
+/// `wrap` may stack a layer (fault injection, ...) on the file backend.
+pub fn open_image(
+    spec: &str,
+    opts: &ImageOptions,
+    wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>,
+) -> Result<BlockNode> {
+    let path = match ImageSpec::parse(spec)? {
+        ImageSpec::File(p) => p,
+        ImageSpec::Nbd(uri) => {
+            return Err(Error::invalid(format!(
+                "NBD images are not supported by this version of blockemu yet ({uri})"
+            )))
+        }
+    };
+    if opts.force_share && !opts.readonly {
+        return Err(Error::invalid(
+            "force_share needs readonly=True (a writer must hold the image lock)",
+        ));
+    }
+    if !opts.active && opts.format.is_none() {
+        return Err(Error::invalid(
+            "an inactive node must be opened with an explicit format: probing would read the \
+             image before activation",
+        ));
+    }
+    let backend = FileBackend::open(&path, opts.readonly, opts.cache.direct())?;
+    let format = match opts.format {
+        Some(f) => f,
+        None => {
+            // Probing is a read of the image: only for active opens (checked above).
+            let mut head = [0u8; 4];
+            let len = backend.len()?;
+            if len >= 4 {
+                let mut f = File::open(&path).map_err(|e| Error::io(e).with_path(&path))?;
+                f.read_exact(&mut head)
+                    .map_err(|e| Error::io(e).with_path(&path))?;
+            }
+            Format::probe(&head)
+        }
+    };
+    if format == Format::Qcow2 {
+        return Err(qcow2_unsupported(&path));
+    }
+    let size = backend.len()?;
+    let backend: Arc<dyn Backend> = wrap(Arc::new(backend));
+    BlockNode::new(
+        backend,
+        NodeConfig {
+            name: spec.to_string(),
+            path: Some(path),
+            format: format.as_str(),
+            readonly: opts.readonly,
+            cache: opts.cache,
+            locking: !opts.force_share,
+            size: Some(size),
+        },
+        opts.active,
+    )
+}
+
+/// A node over a zero-filled disk in memory (no file, no locks).
+pub fn memory_node(
+    size: u64,
+    readonly: bool,
+    wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>,
+) -> Result<BlockNode> {
+    let len = usize::try_from(size)
+        .map_err(|_| Error::invalid(format!("memory disk of {size} bytes is too large")))?;
+    let backend = wrap(Arc::new(MemoryBackend::new(len)));
+    BlockNode::new(
+        backend,
+        NodeConfig {
+            name: format!("memory:{size}"),
+            path: None,
+            format: "raw",
+            readonly,
+            cache: CacheMode::Writeback,
+            locking: false,
+            size: Some(size),
+        },
+        true,
+    )
+}
+
+/// Creates (or overwrites) an image of `size` bytes, rounded up to whole sectors as
+/// `qemu-img create` does. Refuses to touch an image another process has open.
+pub fn create_image(path: &Path, size: u64, format: Format) -> Result<u64> {
+    if format == Format::Qcow2 {
+        return Err(qcow2_unsupported(path));
+    }
+    let size = size
+        .checked_next_multiple_of(SECTOR_SIZE)
+        .ok_or_else(|| Error::invalid(format!("image size {size} is too large")))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(e).with_path(path).with_op("create"))?;
+    // Hold the write lock while we truncate, as qemu-img does.
+    lock::transition(&file, path, LockSet::NONE, LockSet::READ_WRITE)?;
+    file.set_len(0)
+        .and_then(|_| file.set_len(size))
+        .map_err(|e| Error::io(e).with_path(path).with_op("create"))?;
+    file.sync_all()
+        .map_err(|e| Error::io(e).with_path(path).with_op("create"))?;
+    Ok(size)
+}
+
+/// What `blockemu info` shows of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub path: PathBuf,
+    pub format: Format,
+    pub virtual_size: u64,
+    pub file_size: u64,
+    pub allocated: u64,
+    pub lock: lock::LockProbe,
+}
+
+/// Inspects an image without opening it as a node (no locks taken).
+pub fn image_info(path: &Path) -> Result<ImageInfo> {
+    let mut file = File::open(path).map_err(|e| Error::io(e).with_path(path))?;
+    let meta = file.metadata().map_err(|e| Error::io(e).with_path(path))?;
+    if meta.is_dir() {
+        return Err(Error::os(libc::EISDIR, "is a directory").with_path(path));
+    }
+    let mut head = [0u8; 32];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => return Err(Error::io(e).with_path(path)),
+        }
+    }
+    let format = Format::probe(&head[..got]);
+    let virtual_size = match format {
+        Format::Raw => meta.len(),
+        Format::Qcow2 => {
+            if got < 32 {
+                return Err(Error::format("truncated qcow2 header").with_path(path));
+            }
+            u64::from_be_bytes(head[24..32].try_into().expect("8 bytes"))
+        }
+    };
+    use std::os::unix::fs::MetadataExt;
+    Ok(ImageInfo {
+        path: path.to_path_buf(),
+        format,
+        virtual_size,
+        file_size: meta.len(),
+        allocated: meta.blocks() * 512,
+        lock: lock::probe(path)?,
+    })
+}

@@ -1,0 +1,745 @@
+//! `BlockNode`: one image as the rest of blockemu sees it. It guards a backend with the
+//! migration lifecycle (active / inactive), the image lock, range checks and the cache mode,
+//! and it counts and traces every operation that reaches the storage.
+//!
+//! The lifecycle rules (DESIGN.md) are enforced here:
+//! - an inactive node issues no read or write at all: every I/O fails with `Inactive`;
+//! - `activate` takes the write lock, then drops every cache, then lets I/O through;
+//! - `inactivate` stops new I/O, waits for the I/O in flight, flushes, then lets go of the
+//!   write lock; after it nothing is written;
+//! - closing an inactive node writes nothing.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use super::lock::{self, LockSet};
+use super::Backend;
+use crate::{interrupt, Error, ErrorKind, Result};
+
+/// How writes reach the storage (QEMU's `cache=` modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Host page cache; a write completes when the host has it; `flush` makes it durable.
+    Writeback,
+    /// Host page cache, but every write is followed by a flush.
+    Writethrough,
+    /// O_DIRECT (bypass the host page cache); `flush` still needed for durability.
+    None,
+    /// O_DIRECT and a flush after every write.
+    Directsync,
+    /// Host page cache and flushes are ignored (fast, loses data on a host crash).
+    Unsafe,
+}
+
+impl CacheMode {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "writeback" => CacheMode::Writeback,
+            "writethrough" => CacheMode::Writethrough,
+            "none" => CacheMode::None,
+            "directsync" => CacheMode::Directsync,
+            "unsafe" => CacheMode::Unsafe,
+            other => {
+                return Err(Error::invalid(format!(
+                    "unknown cache mode {other:?} (expected writeback, writethrough, none, \
+                     directsync or unsafe)"
+                )))
+            }
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMode::Writeback => "writeback",
+            CacheMode::Writethrough => "writethrough",
+            CacheMode::None => "none",
+            CacheMode::Directsync => "directsync",
+            CacheMode::Unsafe => "unsafe",
+        }
+    }
+    /// Whether the file is opened with O_DIRECT.
+    pub fn direct(self) -> bool {
+        matches!(self, CacheMode::None | CacheMode::Directsync)
+    }
+    fn flush_each_write(self) -> bool {
+        matches!(self, CacheMode::Writethrough | CacheMode::Directsync)
+    }
+}
+
+/// An operation, as it appears in the trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+    /// Lifecycle events, traced so that tests can check their order against the I/O.
+    Activate,
+    Inactivate,
+    DropCaches,
+    Close,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Discard => "discard",
+            Op::WriteZeroes => "write_zeroes",
+            Op::Activate => "activate",
+            Op::Inactivate => "inactivate",
+            Op::DropCaches => "drop_caches",
+            Op::Close => "close",
+        }
+    }
+}
+
+/// What became of a traced operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It reached the storage and succeeded.
+    Ok,
+    /// It reached the storage and failed.
+    Failed(ErrorKind),
+    /// The node refused it; nothing reached the storage.
+    Refused(ErrorKind),
+}
+
+/// One traced operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceEntry {
+    pub seq: u64,
+    /// CLOCK_MONOTONIC in nanoseconds (the clock of Python's `time.monotonic_ns`).
+    pub time_ns: u64,
+    pub op: Op,
+    pub offset: u64,
+    pub len: u64,
+    /// Whether the node was active when the operation arrived.
+    pub active: bool,
+    pub outcome: Outcome,
+}
+
+/// Counters of operations that reached the storage (refused ones are not counted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub write_zeroes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+    discards: AtomicU64,
+    write_zeroes: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// The node's lifecycle phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Active = 0,
+    Inactive = 1,
+    /// Between active and inactive (draining, flushing) or the other way.
+    Transition = 2,
+    Closed = 3,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Active,
+            1 => Phase::Inactive,
+            2 => Phase::Transition,
+            _ => Phase::Closed,
+        }
+    }
+}
+
+/// Bit of `gate` that says I/O may enter; the low bits count the I/O in flight.
+const OPEN: u64 = 1 << 63;
+const INFLIGHT: u64 = OPEN - 1;
+
+/// How a node is put together.
+pub struct NodeConfig {
+    /// What the user named (path or URI); shown in messages.
+    pub name: String,
+    /// The image file, when there is one (locks, info).
+    pub path: Option<PathBuf>,
+    pub format: &'static str,
+    pub readonly: bool,
+    pub cache: CacheMode,
+    /// Take QEMU-compatible image locks on `path`.
+    pub locking: bool,
+    /// The virtual size when it is known without reading the image (raw: the file size).
+    pub size: Option<u64>,
+}
+
+pub struct BlockNode {
+    name: String,
+    path: Option<PathBuf>,
+    format: &'static str,
+    readonly: bool,
+    cache: CacheMode,
+    backend: Arc<dyn Backend>,
+    /// Entry gate of I/O: OPEN bit + number of operations in flight.
+    gate: AtomicU64,
+    phase: AtomicU8,
+    size: AtomicU64,
+    size_known: AtomicBool,
+    /// Serializes lifecycle transitions; holds the lock descriptor and what it holds.
+    lifecycle: Mutex<Lifecycle>,
+    drained: Condvar,
+    drain_lock: Mutex<()>,
+    counters: Counters,
+    trace_on: AtomicBool,
+    trace: Mutex<Trace>,
+}
+
+struct Lifecycle {
+    lock_file: Option<File>,
+    locks: LockSet,
+}
+
+struct Trace {
+    capacity: usize,
+    next_seq: u64,
+    entries: VecDeque<TraceEntry>,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Leaves the gate when dropped, so an early return cannot leak an in-flight count.
+struct InFlight<'a>(&'a BlockNode);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let prev = self.0.gate.fetch_sub(1, Ordering::AcqRel);
+        if prev & OPEN == 0 && prev & INFLIGHT == 1 {
+            // The last operation of a draining node: wake the transition waiting for it.
+            let _g = self.0.drain_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.0.drained.notify_all();
+        }
+    }
+}
+
+impl BlockNode {
+    /// Builds a node over `backend`. An active node takes the read-write (or read-only) image
+    /// lock; an inactive one only the shared one. Nothing is read or written here.
+    pub fn new(backend: Arc<dyn Backend>, config: NodeConfig, active: bool) -> Result<Self> {
+        let mut lifecycle = Lifecycle {
+            lock_file: None,
+            locks: LockSet::NONE,
+        };
+        if config.locking {
+            if let Some(path) = &config.path {
+                let file = File::open(path).map_err(|e| Error::io(e).with_path(path))?;
+                let want = Self::lockset(active, config.readonly);
+                lock::transition(&file, path, LockSet::NONE, want)?;
+                lifecycle.lock_file = Some(file);
+                lifecycle.locks = want;
+            }
+        }
+        let phase = if active {
+            Phase::Active
+        } else {
+            Phase::Inactive
+        };
+        Ok(BlockNode {
+            name: config.name,
+            path: config.path,
+            format: config.format,
+            readonly: config.readonly,
+            cache: config.cache,
+            backend,
+            gate: AtomicU64::new(if active { OPEN } else { 0 }),
+            phase: AtomicU8::new(phase as u8),
+            size: AtomicU64::new(config.size.unwrap_or(0)),
+            size_known: AtomicBool::new(config.size.is_some()),
+            lifecycle: Mutex::new(lifecycle),
+            drained: Condvar::new(),
+            drain_lock: Mutex::new(()),
+            counters: Counters::default(),
+            trace_on: AtomicBool::new(false),
+            trace: Mutex::new(Trace {
+                capacity: 0,
+                next_seq: 0,
+                entries: VecDeque::new(),
+            }),
+        })
+    }
+
+    fn lockset(active: bool, readonly: bool) -> LockSet {
+        match (active, readonly) {
+            (false, _) => LockSet::INACTIVE,
+            (true, true) => LockSet::READ_ONLY,
+            (true, false) => LockSet::READ_WRITE,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+    pub fn format(&self) -> &'static str {
+        self.format
+    }
+    pub fn readonly(&self) -> bool {
+        self.readonly
+    }
+    pub fn cache(&self) -> CacheMode {
+        self.cache
+    }
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+    pub fn is_active(&self) -> bool {
+        self.phase() == Phase::Active
+    }
+    pub fn is_closed(&self) -> bool {
+        self.phase() == Phase::Closed
+    }
+    /// The backend under this node (for layers stacked on it).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// The virtual size in bytes; `None` while it is unknown (an inactive image whose size
+    /// is inside the image). Fails on a closed node.
+    pub fn size(&self) -> Result<Option<u64>> {
+        self.check_open()?;
+        Ok(self
+            .size_known
+            .load(Ordering::Acquire)
+            .then(|| self.size.load(Ordering::Acquire)))
+    }
+
+    /// The lock bytes this node holds now.
+    pub fn locks(&self) -> LockSet {
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .locks
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.is_closed() {
+            Err(self.closed_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::closed(format!("I/O operation on closed node {:?}", self.name))
+    }
+
+    /// Enters the gate, or says why I/O is refused now.
+    fn enter(&self, op: Op, offset: u64, len: u64) -> Result<InFlight<'_>> {
+        let prev = self.gate.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(self);
+        if prev & OPEN != 0 {
+            return Ok(guard);
+        }
+        drop(guard);
+        let err = match self.phase() {
+            Phase::Closed => self.closed_error(),
+            Phase::Transition => Error::inactive(format!(
+                "{} refused: node {:?} is changing state (activation or inactivation)",
+                op.as_str(),
+                self.name
+            )),
+            _ => Error::inactive(format!(
+                "{} refused: node {:?} is inactive (it must not touch the image before \
+                 activate())",
+                op.as_str(),
+                self.name
+            )),
+        };
+        self.record(op, offset, len, Outcome::Refused(err.kind()));
+        Err(err)
+    }
+
+    fn check_range(&self, op: Op, offset: u64, len: u64) -> Result<()> {
+        let size = self.size.load(Ordering::Acquire);
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => {
+                let err = Error::out_of_range(format!(
+                    "{} of {len} bytes at offset {offset} is beyond the end of {:?} \
+                     ({size} bytes)",
+                    op.as_str(),
+                    self.name
+                ));
+                self.record(op, offset, len, Outcome::Refused(err.kind()));
+                Err(err)
+            }
+        }
+    }
+
+    fn check_writable(&self, op: Op, offset: u64, len: u64) -> Result<()> {
+        if self.readonly {
+            let err = Error::read_only(format!(
+                "{} refused: node {:?} is read-only",
+                op.as_str(),
+                self.name
+            ));
+            self.record(op, offset, len, Outcome::Refused(err.kind()));
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Counts and traces one operation that reached the storage.
+    fn finish<T>(&self, op: Op, offset: u64, len: u64, result: Result<T>) -> Result<T> {
+        let c = &self.counters;
+        match &result {
+            Ok(_) => {
+                match op {
+                    Op::Read => {
+                        c.reads.fetch_add(1, Ordering::Relaxed);
+                        c.bytes_read.fetch_add(len, Ordering::Relaxed);
+                    }
+                    Op::Write => {
+                        c.writes.fetch_add(1, Ordering::Relaxed);
+                        c.bytes_written.fetch_add(len, Ordering::Relaxed);
+                    }
+                    Op::Flush => {
+                        c.flushes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Op::Discard => {
+                        c.discards.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Op::WriteZeroes => {
+                        c.write_zeroes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+                self.record(op, offset, len, Outcome::Ok);
+            }
+            Err(e) => {
+                // A failed operation reached the storage too: count it, and the error.
+                match op {
+                    Op::Read => c.reads.fetch_add(1, Ordering::Relaxed),
+                    Op::Write => c.writes.fetch_add(1, Ordering::Relaxed),
+                    Op::Flush => c.flushes.fetch_add(1, Ordering::Relaxed),
+                    Op::Discard => c.discards.fetch_add(1, Ordering::Relaxed),
+                    Op::WriteZeroes => c.write_zeroes.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                c.errors.fetch_add(1, Ordering::Relaxed);
+                self.record(op, offset, len, Outcome::Failed(e.kind()));
+            }
+        }
+        result
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        let _in = self.enter(Op::Read, offset, len)?;
+        self.check_range(Op::Read, offset, len)?;
+        let r = self.backend.read_at(buf, offset);
+        self.finish(Op::Read, offset, len, r)
+    }
+
+    /// Writes `data` at `offset` (and flushes it when the cache mode asks for that).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        let _in = self.enter(Op::Write, offset, len)?;
+        self.check_writable(Op::Write, offset, len)?;
+        self.check_range(Op::Write, offset, len)?;
+        let r = self.backend.write_at(data, offset);
+        self.finish(Op::Write, offset, len, r)?;
+        if self.cache.flush_each_write() {
+            let r = self.backend.flush();
+            self.finish(Op::Flush, 0, 0, r)?;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> Result<()> {
+        let _in = self.enter(Op::Flush, 0, 0)?;
+        self.flush_inner()
+    }
+
+    fn flush_inner(&self) -> Result<()> {
+        if self.readonly || self.cache == CacheMode::Unsafe {
+            // Nothing of ours can be dirty / the user asked us to skip flushes.
+            return Ok(());
+        }
+        let r = self.backend.flush();
+        self.finish(Op::Flush, 0, 0, r)
+    }
+
+    /// Deallocates a range where the storage can (then it reads as zeroes); returns whether
+    /// anything was deallocated.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<bool> {
+        let _in = self.enter(Op::Discard, offset, len)?;
+        self.check_writable(Op::Discard, offset, len)?;
+        self.check_range(Op::Discard, offset, len)?;
+        let r = self.backend.discard(offset, len);
+        self.finish(Op::Discard, offset, len, r)
+    }
+
+    /// Makes a range read as zeroes.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        let _in = self.enter(Op::WriteZeroes, offset, len)?;
+        self.check_writable(Op::WriteZeroes, offset, len)?;
+        self.check_range(Op::WriteZeroes, offset, len)?;
+        let r = self.backend.write_zeroes(offset, len);
+        self.finish(Op::WriteZeroes, offset, len, r)?;
+        if self.cache.flush_each_write() {
+            let r = self.backend.flush();
+            self.finish(Op::Flush, 0, 0, r)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the gate and waits (interruptibly) until no operation is in flight.
+    fn close_gate_and_drain(&self) -> Result<()> {
+        self.gate.fetch_and(!OPEN, Ordering::AcqRel);
+        let mut g = self.drain_lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.gate.load(Ordering::Acquire) & INFLIGHT != 0 {
+            interrupt::check()?;
+            g = self
+                .drained
+                .wait_timeout(g, interrupt::POLL.min(Duration::from_millis(10)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
+    fn open_gate(&self) {
+        self.gate.fetch_or(OPEN, Ordering::AcqRel);
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Release);
+    }
+
+    /// Hands the image over: stops new I/O, waits for the I/O in flight, flushes, then lets go
+    /// of the write lock. On failure the node stays active. A no-op on an inactive node.
+    pub fn inactivate(&self) -> Result<()> {
+        let mut life = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        match self.phase() {
+            Phase::Closed => return Err(self.closed_error()),
+            Phase::Inactive => return Ok(()),
+            _ => {}
+        }
+        self.set_phase(Phase::Transition);
+        let back_to_active = |e: Error| {
+            self.set_phase(Phase::Active);
+            self.open_gate();
+            self.record(Op::Inactivate, 0, 0, Outcome::Failed(e.kind()));
+            e
+        };
+        self.close_gate_and_drain().map_err(back_to_active)?;
+        self.flush_inner().map_err(back_to_active)?;
+        if let (Some(file), Some(path)) = (&life.lock_file, &self.path) {
+            lock::transition(file, path, life.locks, LockSet::INACTIVE).map_err(back_to_active)?;
+            life.locks = LockSet::INACTIVE;
+        }
+        self.set_phase(Phase::Inactive);
+        self.record(Op::Inactivate, 0, 0, Outcome::Ok);
+        Ok(())
+    }
+
+    /// Takes the image over: takes the write lock (failing with `Lock` if another process
+    /// still holds it), drops every cache, refreshes the size, then lets I/O through.
+    /// On failure the node stays inactive. A no-op on an active node.
+    pub fn activate(&self) -> Result<()> {
+        let mut life = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        match self.phase() {
+            Phase::Closed => return Err(self.closed_error()),
+            Phase::Active => return Ok(()),
+            _ => {}
+        }
+        self.set_phase(Phase::Transition);
+        let want = Self::lockset(true, self.readonly);
+        let old = life.locks;
+        let back_to_inactive = |e: Error| {
+            self.set_phase(Phase::Inactive);
+            self.record(Op::Activate, 0, 0, Outcome::Failed(e.kind()));
+            e
+        };
+        if let (Some(file), Some(path)) = (&life.lock_file, &self.path) {
+            lock::transition(file, path, old, want).map_err(back_to_inactive)?;
+            life.locks = want;
+        }
+        // The lock is ours: whatever anyone cached before this instant may be stale.
+        let undo_lock = |life: &mut Lifecycle, e: Error| {
+            if let (Some(file), Some(path)) = (&life.lock_file, &self.path) {
+                if lock::transition(file, path, want, old).is_ok() {
+                    life.locks = old;
+                }
+            }
+            back_to_inactive(e)
+        };
+        let dropped = self.backend.drop_caches();
+        self.record(
+            Op::DropCaches,
+            0,
+            0,
+            match &dropped {
+                Ok(()) => Outcome::Ok,
+                Err(e) => Outcome::Failed(e.kind()),
+            },
+        );
+        if let Err(e) = dropped {
+            return Err(undo_lock(&mut life, e));
+        }
+        match self.backend.len() {
+            Ok(len) => {
+                self.size.store(len, Ordering::Release);
+                self.size_known.store(true, Ordering::Release);
+            }
+            Err(e) => return Err(undo_lock(&mut life, e)),
+        }
+        self.set_phase(Phase::Active);
+        self.open_gate();
+        self.record(Op::Activate, 0, 0, Outcome::Ok);
+        Ok(())
+    }
+
+    /// Closes the node: an active writable node is flushed first; an inactive node writes
+    /// nothing. Locks are released in every case; a second close is a no-op. The node is
+    /// closed even when the final flush fails (that error is returned).
+    pub fn close(&self) -> Result<()> {
+        let mut life = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        let was = self.phase();
+        if was == Phase::Closed {
+            return Ok(());
+        }
+        self.set_phase(Phase::Transition);
+        if let Err(e) = self.close_gate_and_drain() {
+            self.set_phase(was);
+            if was == Phase::Active {
+                self.open_gate();
+            }
+            return Err(e);
+        }
+        let flushed = if was == Phase::Active {
+            self.flush_inner()
+        } else {
+            Ok(())
+        };
+        // Dropping the descriptor releases every OFD lock it holds.
+        life.lock_file = None;
+        life.locks = LockSet::NONE;
+        self.set_phase(Phase::Closed);
+        self.record(Op::Close, 0, 0, Outcome::Ok);
+        flushed
+    }
+
+    pub fn stats(&self) -> NodeStats {
+        let c = &self.counters;
+        NodeStats {
+            reads: c.reads.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+            flushes: c.flushes.load(Ordering::Relaxed),
+            discards: c.discards.load(Ordering::Relaxed),
+            write_zeroes: c.write_zeroes.load(Ordering::Relaxed),
+            bytes_read: c.bytes_read.load(Ordering::Relaxed),
+            bytes_written: c.bytes_written.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Bytes allocated on the storage, where the backend knows.
+    pub fn allocated(&self) -> Result<Option<u64>> {
+        self.check_open()?;
+        self.backend.allocated()
+    }
+
+    /// Starts (or resizes) the trace: it keeps the last `capacity` operations; 0 stops it.
+    pub fn set_trace(&self, capacity: usize) {
+        let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        t.capacity = capacity;
+        while t.entries.len() > capacity {
+            t.entries.pop_front();
+        }
+        self.trace_on.store(capacity > 0, Ordering::Release);
+    }
+
+    /// The traced operations, oldest first.
+    pub fn trace(&self) -> Vec<TraceEntry> {
+        let t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        t.entries.iter().cloned().collect()
+    }
+
+    pub fn clear_trace(&self) {
+        let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        t.entries.clear();
+    }
+
+    fn record(&self, op: Op, offset: u64, len: u64, outcome: Outcome) {
+        if !self.trace_on.load(Ordering::Acquire) {
+            return;
+        }
+        let active = self.phase() == Phase::Active;
+        let mut t = self.trace.lock().unwrap_or_else(|p| p.into_inner());
+        if t.capacity == 0 {
+            return;
+        }
+        if t.entries.len() == t.capacity {
+            t.entries.pop_front();
+        }
+        let seq = t.next_seq;
+        t.next_seq += 1;
+        t.entries.push_back(TraceEntry {
+            seq,
+            time_ns: monotonic_ns(),
+            op,
+            offset,
+            len,
+            active,
+            outcome,
+        });
+    }
+}
+
+impl Drop for BlockNode {
+    fn drop(&mut self) {
+        // Flush an active node that its owner forgot to close; never write an inactive one.
+        let _ = self.close();
+    }
+}
+
+impl std::fmt::Debug for BlockNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockNode")
+            .field("name", &self.name)
+            .field("format", &self.format)
+            .field("phase", &self.phase())
+            .field("readonly", &self.readonly)
+            .finish()
+    }
+}
