@@ -1,8 +1,20 @@
-"""blockemu: emulate a virtual machine's block layer from Python."""
+"""blockemu: emulate a virtual machine's block layer from Python.
+
+Start with :func:`open_image` (or :func:`create_image`) to get a :class:`BlockNode`; see the
+README for a tour.
+"""
 
 from __future__ import annotations
 
-from blockemu import _core
+from blockemu._core import (
+    BlockNode,
+    GuestMemory,
+    __version__,
+    create_image,
+    image_info,
+    memory_node,
+    open_image,
+)
 from blockemu.errors import (
     BlockemuError,
     GeometryError,
@@ -15,11 +27,11 @@ from blockemu.errors import (
     StateError,
 )
 
-__version__: str = _core.__version__
-
 __all__ = [
+    "BlockNode",
     "BlockemuError",
     "GeometryError",
+    "GuestMemory",
     "ImageFormatError",
     "InactiveError",
     "LockError",
@@ -28,4 +40,8 @@ __all__ = [
     "ReadOnlyError",
     "StateError",
     "__version__",
+    "create_image",
+    "image_info",
+    "memory_node",
+    "open_image",
 ]

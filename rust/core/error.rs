@@ -92,9 +92,14 @@ impl Error {
     /// An operating-system failure; the `io::ErrorKind` and errno travel with it so the
     /// bindings can raise `FileNotFoundError`, `PermissionError`, ... as Python would.
     pub fn io(err: io::Error) -> Self {
+        // Keep strerror's text only: Python's OSError prints the errno itself.
+        let mut message = err.to_string();
+        if let Some(i) = message.find(" (os error ") {
+            message.truncate(i);
+        }
         Error {
             kind: ErrorKind::Io,
-            message: err.to_string(),
+            message,
             context: ErrorContext::default(),
             io_kind: Some(err.kind()),
             os_code: err.raw_os_error(),

@@ -7,6 +7,7 @@
 pub mod block;
 pub mod error;
 pub mod geometry;
+pub mod guest_memory;
 pub mod interrupt;
 pub mod jobs;
 

@@ -3,10 +3,15 @@
 
 use pyo3::prelude::*;
 
+mod convert;
 mod errors;
+mod guest_memory;
+mod node;
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    node::register(m)?;
+    guest_memory::register(m)?;
     Ok(())
 }

@@ -1,0 +1,95 @@
+"""The ``blockemu`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import blockemu
+from blockemu.errors import BlockemuError
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if size < 1024 or unit == "PiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.3g} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info: dict[str, Any] = dict(blockemu.image_info(args.image))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"image: {info['path']}")
+    print(f"file format: {info['format']}")
+    print(f"virtual size: {_human(info['virtual_size'])} ({info['virtual_size']} bytes)")
+    print(f"disk size: {_human(info['allocated_size'])}")
+    print(f"lock: {info['lock']}")
+    if info["locks_held"] or info["locks_unshared"]:
+        held = ", ".join(info["locks_held"]) or "-"
+        unshared = ", ".join(info["locks_unshared"]) or "-"
+        print(f"  others hold: {held}; others refuse to share: {unshared}")
+    return 0
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b") if text else text
+    num = t.rstrip("kmgt")
+    suffix = t[len(num) :]
+    if not num or suffix not in units:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 512, 64K, 10M, 2G)")
+    try:
+        value = int(num)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("size must be >= 0")
+    return value * units[suffix]
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    blockemu.create_image(args.image, args.size, format=args.format)
+    print(f"Formatting '{args.image}', fmt={args.format} size={args.size}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blockemu",
+        description="Emulate a virtual machine's block layer: images, geometry, devices.",
+    )
+    parser.add_argument("--version", action="version", version=f"blockemu {blockemu.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="show an image's format, sizes and lock state")
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("create", help="create an image (like qemu-img create)")
+    p.add_argument("image")
+    p.add_argument("size", type=_parse_size, help="size in bytes, or with K/M/G/T suffix")
+    p.add_argument("-f", "--format", default="raw", choices=["raw", "qcow2"])
+    p.set_defaults(func=_cmd_create)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (BlockemuError, OSError, ValueError) as e:
+        print(f"blockemu {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

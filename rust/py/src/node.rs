@@ -1,0 +1,398 @@
+//! `BlockNode`, `open_image`, `create_image`, `image_info`, `memory_node`.
+
+use std::sync::Arc;
+
+use blockemu_core::block::{
+    self, BlockNode, CacheMode, Format, ImageOptions, LockSet, Outcome, Perm, TraceEntry,
+};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use crate::convert::{nonneg, ByteView};
+use crate::errors::{detach_interruptible, to_py, IntoPyResult};
+
+/// A disk image with its lifecycle (active/inactive), lock, stats and trace.
+#[pyclass(frozen, name = "BlockNode", module = "blockemu")]
+pub struct PyBlockNode {
+    pub inner: Arc<BlockNode>,
+}
+
+fn outcome_str(o: Outcome) -> String {
+    match o {
+        Outcome::Ok => "ok".into(),
+        Outcome::Failed(k) => format!("failed: {}", k.as_str()),
+        Outcome::Refused(k) => format!("refused: {}", k.as_str()),
+    }
+}
+
+fn trace_dict<'py>(py: Python<'py>, e: &TraceEntry) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("seq", e.seq)?;
+    d.set_item("time_ns", e.time_ns)?;
+    d.set_item("op", e.op.as_str())?;
+    d.set_item("offset", e.offset)?;
+    d.set_item("length", e.len)?;
+    d.set_item("active", e.active)?;
+    d.set_item("outcome", outcome_str(e.outcome))?;
+    Ok(d)
+}
+
+impl PyBlockNode {
+    fn check_open(&self) -> PyResult<()> {
+        if self.inner.is_closed() {
+            Err(PyValueError::new_err(format!(
+                "I/O operation on closed node {:?}",
+                self.inner.name()
+            )))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[pymethods]
+impl PyBlockNode {
+    /// Virtual size in bytes (None on an inactive node whose size is inside the image).
+    #[getter]
+    fn size(&self) -> PyResult<Option<u64>> {
+        self.inner.size().py_err()
+    }
+
+    #[getter]
+    fn format(&self) -> &'static str {
+        self.inner.format()
+    }
+
+    #[getter]
+    fn readonly(&self) -> bool {
+        self.inner.readonly()
+    }
+
+    #[getter]
+    fn active(&self) -> bool {
+        self.inner.is_active()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// The path or URI the node was opened from.
+    #[getter]
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    #[getter]
+    fn cache(&self) -> &'static str {
+        self.inner.cache().as_str()
+    }
+
+    /// Reads `length` bytes at `offset`.
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        offset: &Bound<'py, PyAny>,
+        length: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let offset = nonneg("offset", offset)?;
+        let length = nonneg("length", length)?;
+        self.check_open()?;
+        let len = usize::try_from(length)
+            .map_err(|_| PyValueError::new_err("length does not fit in memory"))?;
+        let node = &self.inner;
+        pyo3::types::PyBytes::new_with(py, len, |buf| {
+            // The bytes object is not visible to any other thread yet: fill it unlocked.
+            py.detach(|| node.read(offset, buf)).map_err(to_py)
+        })
+    }
+
+    /// Reads `len(buffer)` bytes at `offset` into a writable buffer; returns the count.
+    fn readinto(
+        &self,
+        py: Python<'_>,
+        offset: &Bound<'_, PyAny>,
+        buffer: &Bound<'_, PyAny>,
+    ) -> PyResult<usize> {
+        let offset = nonneg("offset", offset)?;
+        self.check_open()?;
+        let view = ByteView::get(buffer, true)?;
+        let n = view.len();
+        let node = &self.inner;
+        // SAFETY: the export keeps the buffer alive and unresized until release().
+        let r = py.detach(|| node.read(offset, unsafe { view.as_mut_slice() }));
+        drop(view);
+        r.py_err()?;
+        Ok(n)
+    }
+
+    /// Writes a bytes-like object at `offset`.
+    fn write(
+        &self,
+        py: Python<'_>,
+        offset: &Bound<'_, PyAny>,
+        data: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let offset = nonneg("offset", offset)?;
+        self.check_open()?;
+        let view = ByteView::get(data, false)?;
+        let node = &self.inner;
+        // SAFETY: as in readinto.
+        let r = py.detach(|| node.write(offset, unsafe { view.as_slice() }));
+        drop(view);
+        r.py_err()
+    }
+
+    /// Makes every completed write durable.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        self.check_open()?;
+        let node = &self.inner;
+        detach_interruptible(py, || node.flush()).py_err()
+    }
+
+    /// Deallocates a range where the storage can; returns whether it did.
+    fn discard(
+        &self,
+        py: Python<'_>,
+        offset: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let offset = nonneg("offset", offset)?;
+        let length = nonneg("length", length)?;
+        self.check_open()?;
+        let node = &self.inner;
+        py.detach(|| node.discard(offset, length)).py_err()
+    }
+
+    /// Makes a range read as zeroes.
+    fn write_zeroes(
+        &self,
+        py: Python<'_>,
+        offset: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let offset = nonneg("offset", offset)?;
+        let length = nonneg("length", length)?;
+        self.check_open()?;
+        let node = &self.inner;
+        py.detach(|| node.write_zeroes(offset, length)).py_err()
+    }
+
+    /// Flushes, then releases the write lock; afterwards the node refuses all I/O.
+    fn inactivate(&self, py: Python<'_>) -> PyResult<()> {
+        self.check_open()?;
+        let node = &self.inner;
+        detach_interruptible(py, || node.inactivate()).py_err()
+    }
+
+    /// Takes the write lock, drops every cache, then allows I/O.
+    fn activate(&self, py: Python<'_>) -> PyResult<()> {
+        self.check_open()?;
+        let node = &self.inner;
+        detach_interruptible(py, || node.activate()).py_err()
+    }
+
+    /// Operations that reached the storage.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.check_open()?;
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("reads", s.reads)?;
+        d.set_item("writes", s.writes)?;
+        d.set_item("flushes", s.flushes)?;
+        d.set_item("discards", s.discards)?;
+        d.set_item("write_zeroes", s.write_zeroes)?;
+        d.set_item("bytes_read", s.bytes_read)?;
+        d.set_item("bytes_written", s.bytes_written)?;
+        d.set_item("errors", s.errors)?;
+        Ok(d)
+    }
+
+    /// Keeps the last `capacity` operations in a trace (0 turns tracing off).
+    #[pyo3(signature = (capacity=None))]
+    fn enable_trace(&self, capacity: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        self.check_open()?;
+        let cap = capacity.map_or(Ok(4096), |c| nonneg("capacity", c))?;
+        let cap = usize::try_from(cap)
+            .ok()
+            .filter(|&c| c <= 1 << 24)
+            .ok_or_else(|| PyValueError::new_err("trace capacity must be at most 16777216"))?;
+        self.inner.set_trace(cap);
+        Ok(())
+    }
+
+    fn disable_trace(&self) {
+        self.inner.set_trace(0);
+    }
+
+    /// The traced operations, oldest first.
+    fn trace<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for e in self.inner.trace() {
+            list.append(trace_dict(py, &e)?)?;
+        }
+        Ok(list)
+    }
+
+    fn clear_trace(&self) {
+        self.inner.clear_trace();
+    }
+
+    /// The image lock bytes this node holds: {"held": [...], "unshared": [...]}.
+    fn locks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.check_open()?;
+        let (held, unshared) = perm_names(self.inner.locks());
+        let d = PyDict::new(py);
+        d.set_item("held", held)?;
+        d.set_item("unshared", unshared)?;
+        Ok(d)
+    }
+
+    /// Flushes an active node, writes nothing on an inactive one, releases the locks.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let node = &self.inner;
+        detach_interruptible(py, || node.close()).py_err()
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        slf.get().check_open()?;
+        Ok(slf)
+    }
+
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _exc_type: &Bound<'_, PyAny>,
+        _exc: &Bound<'_, PyAny>,
+        _tb: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        let state = match self.inner.phase() {
+            block::Phase::Active => "active",
+            block::Phase::Inactive => "inactive",
+            block::Phase::Transition => "changing",
+            block::Phase::Closed => "closed",
+        };
+        format!(
+            "<BlockNode {:?} format={} {}{}>",
+            self.inner.name(),
+            self.inner.format(),
+            state,
+            if self.inner.readonly() {
+                " readonly"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// The names of the permissions a lock set holds, and of those it refuses to share.
+fn perm_names(set: LockSet) -> (Vec<&'static str>, Vec<&'static str>) {
+    let names = |f: &dyn Fn(Perm) -> bool| {
+        Perm::ALL
+            .into_iter()
+            .filter(|p| f(*p))
+            .map(Perm::name)
+            .collect()
+    };
+    (names(&|p| set.holds(p)), names(&|p| set.refuses(p)))
+}
+
+fn path_str(path: &Bound<'_, PyAny>) -> PyResult<String> {
+    let fspath = path.py().import("os")?.getattr("fspath")?;
+    let p = fspath.call1((path,))?;
+    p.extract::<String>()
+        .map_err(|_| PyValueError::new_err("image path must be a str or os.PathLike of str"))
+}
+
+/// Opens an image as a node.
+#[pyfunction]
+#[pyo3(signature = (spec, *, format=None, readonly=false, active=true, cache="writeback", force_share=false))]
+pub fn open_image(
+    py: Python<'_>,
+    spec: &Bound<'_, PyAny>,
+    format: Option<&str>,
+    readonly: bool,
+    active: bool,
+    cache: &str,
+    force_share: bool,
+) -> PyResult<PyBlockNode> {
+    let spec = path_str(spec)?;
+    let opts = ImageOptions {
+        format: format.map(Format::parse).transpose().py_err()?,
+        readonly,
+        active,
+        cache: CacheMode::parse(cache).py_err()?,
+        force_share,
+    };
+    let node = py
+        .detach(|| block::open_image(&spec, &opts, |b| b))
+        .py_err()?;
+    Ok(PyBlockNode {
+        inner: Arc::new(node),
+    })
+}
+
+/// A node over a zero-filled disk held in memory.
+#[pyfunction]
+#[pyo3(signature = (size, *, readonly=false))]
+pub fn memory_node(size: &Bound<'_, PyAny>, readonly: bool) -> PyResult<PyBlockNode> {
+    let size = nonneg("size", size)?;
+    let node = block::memory_node(size, readonly, |b| b).py_err()?;
+    Ok(PyBlockNode {
+        inner: Arc::new(node),
+    })
+}
+
+/// Creates (or overwrites) an image; the size is rounded up to whole sectors.
+#[pyfunction]
+#[pyo3(signature = (path, size, *, format="raw"))]
+pub fn create_image(
+    py: Python<'_>,
+    path: &Bound<'_, PyAny>,
+    size: &Bound<'_, PyAny>,
+    format: &str,
+) -> PyResult<()> {
+    let path = path_str(path)?;
+    let size = nonneg("size", size)?;
+    let format = Format::parse(format).py_err()?;
+    py.detach(|| block::create_image(std::path::Path::new(&path), size, format))
+        .py_err()?;
+    Ok(())
+}
+
+/// What an image is: format, sizes and who holds its locks (takes no lock itself).
+#[pyfunction]
+pub fn image_info<'py>(py: Python<'py>, path: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+    let path = path_str(path)?;
+    let info = py
+        .detach(|| block::image_info(std::path::Path::new(&path)))
+        .py_err()?;
+    let d = PyDict::new(py);
+    d.set_item("path", info.path.display().to_string())?;
+    d.set_item("format", info.format.as_str())?;
+    d.set_item("virtual_size", info.virtual_size)?;
+    d.set_item("file_size", info.file_size)?;
+    d.set_item("allocated_size", info.allocated)?;
+    d.set_item("lock", info.lock.describe())?;
+    let (held, unshared) = perm_names(info.lock.others);
+    d.set_item("locks_held", held)?;
+    d.set_item("locks_unshared", unshared)?;
+    Ok(d)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyBlockNode>()?;
+    m.add_function(wrap_pyfunction!(open_image, m)?)?;
+    m.add_function(wrap_pyfunction!(memory_node, m)?)?;
+    m.add_function(wrap_pyfunction!(create_image, m)?)?;
+    m.add_function(wrap_pyfunction!(image_info, m)?)?;
+    Ok(())
+}
