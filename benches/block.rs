@@ -26,7 +26,9 @@ fn offsets(n: usize, block: u64) -> Vec<u64> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     (0..n)
         .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (x >> 16) % (IMAGE / block) * block
         })
         .collect()

@@ -1,1 +1,23 @@
-//! Worker pool and jobs (filled in by the jobs work).
+//! The worker pool that keeps storage off the register path, and the handles of its jobs.
+//!
+//! Devices submit backend work to [`WorkerPool::global`] and attach completion callbacks with
+//! [`Job::on_complete_for`], so that a device reset ([`Owner::invalidate`]) cuts off every
+//! callback of the requests it had in flight. The geometry prefetch is a [`OnceJob`].
+
+mod job;
+mod once;
+mod owner;
+mod pool;
+
+pub use job::{Job, JobState};
+pub use once::OnceJob;
+pub use owner::{Owner, Ticket};
+pub use pool::WorkerPool;
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Locks `mutex`, ignoring poison: no user code runs under the locks of this module (jobs and
+/// callbacks run outside them), so a poisoned lock still guards consistent data.
+pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
