@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from blockemu._core import (
     BlockNode,
+    FaultInjector,
     GuestMemory,
     __version__,
     create_image,
@@ -26,14 +27,17 @@ from blockemu.errors import (
     ReadOnlyError,
     StateError,
 )
+from blockemu.jobs import Job
 
 __all__ = [
     "BlockNode",
     "BlockemuError",
+    "FaultInjector",
     "GeometryError",
     "GuestMemory",
     "ImageFormatError",
     "InactiveError",
+    "Job",
     "LockError",
     "MigrationError",
     "OutOfRangeError",

@@ -33,6 +33,17 @@ pub fn with_hook<R>(hook: impl Fn() -> bool + 'static, f: impl FnOnce() -> R) ->
     f()
 }
 
+/// Installs `hook` on this thread for good (the bindings do this once per Python thread, so
+/// that every later wait on it is interruptible without per-call cost).
+pub fn install(hook: impl Fn() -> bool + 'static) {
+    HOOK.with(|h| *h.borrow_mut() = Some(Box::new(hook)));
+}
+
+/// Whether this thread has a hook installed.
+pub fn installed() -> bool {
+    HOOK.with(|h| h.borrow().is_some())
+}
+
 /// `Err(Interrupted)` when this thread's hook reports a pending interruption.
 pub fn check() -> Result<()> {
     let interrupted = HOOK.with(|h| h.borrow().as_ref().is_some_and(|hook| hook()));

@@ -4,18 +4,26 @@ use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
 
-/// A non-negative offset or length. Negative values are a `ValueError` (API.md), not the
-/// `OverflowError` a plain `u64` extraction would raise.
-pub fn nonneg(name: &str, value: &Bound<'_, PyAny>) -> PyResult<u64> {
-    match value.extract::<i64>() {
-        Ok(v) if v >= 0 => Ok(v as u64),
-        Ok(v) => Err(PyValueError::new_err(format!(
-            "{name} must be >= 0, got {v}"
-        ))),
-        Err(e) if e.is_instance_of::<PyOverflowError>(value.py()) => value
-            .extract::<u64>()
-            .map_err(|_| PyValueError::new_err(format!("{name} is out of range: {value}"))),
-        Err(e) => Err(e),
+/// A non-negative integer argument (offset, length, size, count): a negative value or one
+/// beyond 2**64 - 1 is a `ValueError`, as API.md asks, not an `OverflowError`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonNeg(pub u64);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for NonNeg {
+    type Error = PyErr;
+
+    fn extract(obj: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        match obj.extract::<i64>() {
+            Ok(v) if v >= 0 => Ok(NonNeg(v as u64)),
+            Ok(v) => Err(PyValueError::new_err(format!(
+                "expected a value >= 0, got {v}"
+            ))),
+            Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => obj
+                .extract::<u64>()
+                .map(NonNeg)
+                .map_err(|_| PyValueError::new_err(format!("value out of range: {}", &*obj))),
+            Err(e) => Err(e),
+        }
     }
 }
 

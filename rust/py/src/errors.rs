@@ -29,7 +29,7 @@ pub fn to_py(err: Error) -> PyErr {
     let msg = err.to_string();
     match err.kind() {
         ErrorKind::Io => {
-            let errno = err.os_code().unwrap_or(libc_eio());
+            let errno = err.os_code().unwrap_or(EIO);
             match &err.context().path {
                 // OSError(errno, strerror[, filename]) picks the subclass (FileNotFoundError, ...).
                 Some(path) => PyOSError::new_err((
@@ -57,9 +57,8 @@ pub fn to_py(err: Error) -> PyErr {
     }
 }
 
-const fn libc_eio() -> i32 {
-    5
-}
+/// The errno of an I/O error that carries none.
+const EIO: i32 = 5;
 
 /// Extension so bindings can write `core_call().map_err_py()?`.
 pub trait IntoPyResult<T> {
@@ -72,16 +71,23 @@ impl<T> IntoPyResult<T> for Result<T, Error> {
     }
 }
 
+thread_local! {
+    static HOOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Runs `f` with the GIL released and Ctrl-C honoured: long waits inside the core poll
-/// `interrupt::check`, which re-attaches briefly to run Python's signal handlers.
+/// `interrupt::check`, which re-attaches briefly to run Python's signal handlers. The hook is
+/// installed once per thread, so this costs a thread-local read per call.
 pub fn detach_interruptible<T, F>(py: Python<'_>, f: F) -> T
 where
     F: FnOnce() -> T + Send,
     T: Send,
 {
-    py.detach(|| {
-        blockemu_core::interrupt::with_hook(
-            || {
+    if !HOOKED.with(|h| h.get()) {
+        HOOKED.with(|h| h.set(true));
+        // The hook lives in the core's thread-local, on this same thread.
+        py.detach(|| {
+            blockemu_core::interrupt::install(|| {
                 Python::attach(|py| match py.check_signals() {
                     Ok(()) => false,
                     Err(e) => {
@@ -89,8 +95,8 @@ where
                         true
                     }
                 })
-            },
-            f,
-        )
-    })
+            })
+        });
+    }
+    py.detach(f)
 }

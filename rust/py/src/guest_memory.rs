@@ -7,7 +7,7 @@ use blockemu_core::guest_memory::GuestMemory;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::convert::{nonneg, ByteView};
+use crate::convert::{ByteView, NonNeg};
 use crate::errors::IntoPyResult;
 
 /// Guest RAM: devices read rings and buffers from it; Python reads and writes it directly,
@@ -20,8 +20,8 @@ pub struct PyGuestMemory {
 #[pymethods]
 impl PyGuestMemory {
     #[new]
-    fn new(size: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let size = nonneg("size", size)?;
+    fn new(size: NonNeg) -> PyResult<Self> {
+        let size = size.0;
         let size = usize::try_from(size)
             .map_err(|_| pyo3::exceptions::PyValueError::new_err("size does not fit in memory"))?;
         Ok(PyGuestMemory {
@@ -42,11 +42,11 @@ impl PyGuestMemory {
     fn read<'py>(
         &self,
         py: Python<'py>,
-        addr: &Bound<'py, PyAny>,
-        n: &Bound<'py, PyAny>,
+        addr: NonNeg,
+        n: NonNeg,
     ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
-        let addr = nonneg("addr", addr)?;
-        let n = nonneg("n", n)?;
+        let addr = addr.0;
+        let n = n.0;
         let n = usize::try_from(n)
             .map_err(|_| pyo3::exceptions::PyValueError::new_err("n does not fit in memory"))?;
         self.inner.check(addr, n).py_err()?;
@@ -55,8 +55,8 @@ impl PyGuestMemory {
     }
 
     /// Writes a bytes-like object at guest-physical address `addr`.
-    fn write(&self, addr: &Bound<'_, PyAny>, data: &Bound<'_, PyAny>) -> PyResult<()> {
-        let addr = nonneg("addr", addr)?;
+    fn write(&self, addr: NonNeg, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let addr = addr.0;
         let view = ByteView::get(data, false)?;
         // SAFETY: the export keeps the source buffer alive while we copy.
         let r = self.inner.write(addr, unsafe { view.as_slice() });

@@ -5,7 +5,9 @@ use pyo3::prelude::*;
 
 mod convert;
 mod errors;
+mod fault;
 mod guest_memory;
+mod jobs;
 mod node;
 
 #[pymodule(gil_used = false)]
@@ -13,5 +15,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     node::register(m)?;
     guest_memory::register(m)?;
+    fault::register(m)?;
+    jobs::register(m)?;
     Ok(())
 }

@@ -3,14 +3,17 @@
 use std::sync::Arc;
 
 use blockemu_core::block::{
-    self, BlockNode, CacheMode, Format, ImageOptions, LockSet, Outcome, Perm, TraceEntry,
+    self, Backend, BlockNode, CacheMode, FaultInjector, Format, ImageOptions, LockSet, Outcome,
+    Perm, TraceEntry,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList};
 
-use crate::convert::{nonneg, ByteView};
+use crate::convert::{ByteView, NonNeg};
 use crate::errors::{detach_interruptible, to_py, IntoPyResult};
+use crate::fault::PyFaultInjector;
+use crate::jobs;
 
 /// A disk image with its lifecycle (active/inactive), lock, stats and trace.
 #[pyclass(frozen, name = "BlockNode", module = "blockemu")]
@@ -94,11 +97,11 @@ impl PyBlockNode {
     fn read<'py>(
         &self,
         py: Python<'py>,
-        offset: &Bound<'py, PyAny>,
-        length: &Bound<'py, PyAny>,
+        offset: NonNeg,
+        length: NonNeg,
     ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
-        let offset = nonneg("offset", offset)?;
-        let length = nonneg("length", length)?;
+        let offset = offset.0;
+        let length = length.0;
         self.check_open()?;
         let len = usize::try_from(length)
             .map_err(|_| PyValueError::new_err("length does not fit in memory"))?;
@@ -111,8 +114,10 @@ impl PyBlockNode {
             let obj = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len as isize);
             let obj = Bound::from_owned_ptr_or_err(py, obj)?;
             let ptr = pyo3::ffi::PyBytes_AsString(obj.as_ptr()) as usize;
-            py.detach(|| node.read(offset, std::slice::from_raw_parts_mut(ptr as *mut u8, len)))
-                .map_err(to_py)?;
+            detach_interruptible(py, || {
+                node.read(offset, std::slice::from_raw_parts_mut(ptr as *mut u8, len))
+            })
+            .map_err(to_py)?;
             Ok(obj.cast_into_unchecked())
         }
     }
@@ -121,34 +126,29 @@ impl PyBlockNode {
     fn readinto(
         &self,
         py: Python<'_>,
-        offset: &Bound<'_, PyAny>,
+        offset: NonNeg,
         buffer: &Bound<'_, PyAny>,
     ) -> PyResult<usize> {
-        let offset = nonneg("offset", offset)?;
+        let offset = offset.0;
         self.check_open()?;
         let view = ByteView::get(buffer, true)?;
         let n = view.len();
         let node = &self.inner;
         // SAFETY: the export keeps the buffer alive and unresized until release().
-        let r = py.detach(|| node.read(offset, unsafe { view.as_mut_slice() }));
+        let r = detach_interruptible(py, || node.read(offset, unsafe { view.as_mut_slice() }));
         drop(view);
         r.py_err()?;
         Ok(n)
     }
 
     /// Writes a bytes-like object at `offset`.
-    fn write(
-        &self,
-        py: Python<'_>,
-        offset: &Bound<'_, PyAny>,
-        data: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        let offset = nonneg("offset", offset)?;
+    fn write(&self, py: Python<'_>, offset: NonNeg, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        let offset = offset.0;
         self.check_open()?;
         let view = ByteView::get(data, false)?;
         let node = &self.inner;
         // SAFETY: as in readinto.
-        let r = py.detach(|| node.write(offset, unsafe { view.as_slice() }));
+        let r = detach_interruptible(py, || node.write(offset, unsafe { view.as_slice() }));
         drop(view);
         r.py_err()
     }
@@ -161,31 +161,76 @@ impl PyBlockNode {
     }
 
     /// Deallocates a range where the storage can; returns whether it did.
-    fn discard(
-        &self,
-        py: Python<'_>,
-        offset: &Bound<'_, PyAny>,
-        length: &Bound<'_, PyAny>,
-    ) -> PyResult<bool> {
-        let offset = nonneg("offset", offset)?;
-        let length = nonneg("length", length)?;
+    fn discard(&self, py: Python<'_>, offset: NonNeg, length: NonNeg) -> PyResult<bool> {
+        let offset = offset.0;
+        let length = length.0;
         self.check_open()?;
         let node = &self.inner;
-        py.detach(|| node.discard(offset, length)).py_err()
+        detach_interruptible(py, || node.discard(offset, length)).py_err()
     }
 
     /// Makes a range read as zeroes.
-    fn write_zeroes(
-        &self,
-        py: Python<'_>,
-        offset: &Bound<'_, PyAny>,
-        length: &Bound<'_, PyAny>,
-    ) -> PyResult<()> {
-        let offset = nonneg("offset", offset)?;
-        let length = nonneg("length", length)?;
+    fn write_zeroes(&self, py: Python<'_>, offset: NonNeg, length: NonNeg) -> PyResult<()> {
+        let offset = offset.0;
+        let length = length.0;
         self.check_open()?;
         let node = &self.inner;
-        py.detach(|| node.write_zeroes(offset, length)).py_err()
+        detach_interruptible(py, || node.write_zeroes(offset, length)).py_err()
+    }
+
+    /// Reads on the worker pool; returns a `Job` future of the bytes.
+    fn read_async<'py>(
+        &self,
+        py: Python<'py>,
+        offset: NonNeg,
+        length: NonNeg,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let offset = offset.0;
+        let length = length.0;
+        self.check_open()?;
+        let len = usize::try_from(length)
+            .map_err(|_| PyValueError::new_err("length does not fit in memory"))?;
+        let node = self.inner.clone();
+        jobs::spawn(
+            py,
+            move || {
+                let mut buf = vec![0u8; len];
+                node.read(offset, &mut buf).map(|()| Arc::new(buf))
+            },
+            |py, buf: &Arc<Vec<u8>>| Ok(PyBytes::new(py, buf).into_any()),
+        )
+    }
+
+    /// Writes on the worker pool (the data is copied first); returns a `Job` future of None.
+    fn write_async<'py>(
+        &self,
+        py: Python<'py>,
+        offset: NonNeg,
+        data: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let offset = offset.0;
+        self.check_open()?;
+        let view = ByteView::get(data, false)?;
+        // SAFETY: copied while the export is held (GIL held, buffer pinned).
+        let data = unsafe { view.as_slice() }.to_vec();
+        drop(view);
+        let node = self.inner.clone();
+        jobs::spawn(
+            py,
+            move || node.write(offset, &data),
+            |py, _: &()| Ok(py.None().into_bound(py)),
+        )
+    }
+
+    /// Flushes on the worker pool; returns a `Job` future of None.
+    fn flush_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.check_open()?;
+        let node = self.inner.clone();
+        jobs::spawn(
+            py,
+            move || node.flush(),
+            |py, _: &()| Ok(py.None().into_bound(py)),
+        )
     }
 
     /// Flushes, then releases the write lock; afterwards the node refuses all I/O.
@@ -219,10 +264,10 @@ impl PyBlockNode {
     }
 
     /// Keeps the last `capacity` operations in a trace (0 turns tracing off).
-    #[pyo3(signature = (capacity=None))]
-    fn enable_trace(&self, capacity: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    #[pyo3(signature = (capacity=NonNeg(4096)))]
+    fn enable_trace(&self, capacity: NonNeg) -> PyResult<()> {
         self.check_open()?;
-        let cap = capacity.map_or(Ok(4096), |c| nonneg("capacity", c))?;
+        let cap = capacity.0;
         let cap = usize::try_from(cap)
             .ok()
             .filter(|&c| c <= 1 << 24)
@@ -301,6 +346,17 @@ impl PyBlockNode {
     }
 }
 
+/// The backend wrapper that puts an injector's rules in front of the storage (or nothing).
+fn with_faults(
+    faults: Option<&Bound<'_, PyFaultInjector>>,
+) -> impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend> + Send {
+    let rules = faults.map(|f| f.get().rules.clone());
+    move |backend| match rules {
+        Some(rules) => Arc::new(FaultInjector::new(backend, rules)),
+        None => backend,
+    }
+}
+
 /// The names of the permissions a lock set holds, and of those it refuses to share.
 fn perm_names(set: LockSet) -> (Vec<&'static str>, Vec<&'static str>) {
     let names = |f: &dyn Fn(Perm) -> bool| {
@@ -322,7 +378,8 @@ fn path_str(path: &Bound<'_, PyAny>) -> PyResult<String> {
 
 /// Opens an image as a node.
 #[pyfunction]
-#[pyo3(signature = (spec, *, format=None, readonly=false, active=true, cache="writeback", force_share=false))]
+#[pyo3(signature = (spec, *, format=None, readonly=false, active=true, cache="writeback", force_share=false, faults=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn open_image(
     py: Python<'_>,
     spec: &Bound<'_, PyAny>,
@@ -331,6 +388,7 @@ pub fn open_image(
     active: bool,
     cache: &str,
     force_share: bool,
+    faults: Option<&Bound<'_, PyFaultInjector>>,
 ) -> PyResult<PyBlockNode> {
     let spec = path_str(spec)?;
     let opts = ImageOptions {
@@ -340,8 +398,9 @@ pub fn open_image(
         cache: CacheMode::parse(cache).py_err()?,
         force_share,
     };
+    let wrap = with_faults(faults);
     let node = py
-        .detach(|| block::open_image(&spec, &opts, |b| b))
+        .detach(|| block::open_image(&spec, &opts, wrap))
         .py_err()?;
     Ok(PyBlockNode {
         inner: Arc::new(node),
@@ -350,10 +409,14 @@ pub fn open_image(
 
 /// A node over a zero-filled disk held in memory.
 #[pyfunction]
-#[pyo3(signature = (size, *, readonly=false))]
-pub fn memory_node(size: &Bound<'_, PyAny>, readonly: bool) -> PyResult<PyBlockNode> {
-    let size = nonneg("size", size)?;
-    let node = block::memory_node(size, readonly, |b| b).py_err()?;
+#[pyo3(signature = (size, *, readonly=false, faults=None))]
+pub fn memory_node(
+    size: NonNeg,
+    readonly: bool,
+    faults: Option<&Bound<'_, PyFaultInjector>>,
+) -> PyResult<PyBlockNode> {
+    let size = size.0;
+    let node = block::memory_node(size, readonly, with_faults(faults)).py_err()?;
     Ok(PyBlockNode {
         inner: Arc::new(node),
     })
@@ -365,11 +428,11 @@ pub fn memory_node(size: &Bound<'_, PyAny>, readonly: bool) -> PyResult<PyBlockN
 pub fn create_image(
     py: Python<'_>,
     path: &Bound<'_, PyAny>,
-    size: &Bound<'_, PyAny>,
+    size: NonNeg,
     format: &str,
 ) -> PyResult<()> {
     let path = path_str(path)?;
-    let size = nonneg("size", size)?;
+    let size = size.0;
     let format = Format::parse(format).py_err()?;
     py.detach(|| block::create_image(std::path::Path::new(&path), size, format))
         .py_err()?;
