@@ -9,6 +9,7 @@ import pytest
 
 import blockemu
 
+
 @pytest.fixture
 def make_image(tmp_path: Path) -> Callable[..., Path]:
     """Creates a raw image (optionally filled with a pattern) and returns its path."""

@@ -1,18 +1,30 @@
 # Hand-written stubs of the native module blockemu._core; checked by mypy's stubtest.
 
-from collections.abc import Buffer
 from os import PathLike
 from types import TracebackType
 from typing import Literal, TypedDict, final
 
+from typing_extensions import Buffer
+
 from blockemu.jobs import Job
 
 __version__: str
+__all__ = [
+    "BlockNode",
+    "FaultInjector",
+    "GuestMemory",
+    "JobHandle",
+    "__version__",
+    "create_image",
+    "image_info",
+    "memory_node",
+    "open_image",
+]
 
 _Format = Literal["raw", "qcow2"]
 _Cache = Literal["writeback", "writethrough", "none", "directsync", "unsafe"]
 
-class NodeStats(TypedDict):
+class _NodeStats(TypedDict):
     reads: int
     writes: int
     flushes: int
@@ -22,7 +34,7 @@ class NodeStats(TypedDict):
     bytes_written: int
     errors: int
 
-class TraceEntry(TypedDict):
+class _TraceEntry(TypedDict):
     seq: int
     time_ns: int
     op: str
@@ -31,11 +43,11 @@ class TraceEntry(TypedDict):
     active: bool
     outcome: str
 
-class NodeLocks(TypedDict):
+class _NodeLocks(TypedDict):
     held: list[str]
     unshared: list[str]
 
-class ImageInfo(TypedDict):
+class _ImageInfo(TypedDict):
     path: str
     format: str
     virtual_size: int
@@ -72,12 +84,12 @@ class BlockNode:
     def flush_async(self) -> Job[None]: ...
     def inactivate(self) -> None: ...
     def activate(self) -> None: ...
-    def stats(self) -> NodeStats: ...
+    def stats(self) -> _NodeStats: ...
     def enable_trace(self, capacity: int = 4096) -> None: ...
     def disable_trace(self) -> None: ...
-    def trace(self) -> list[TraceEntry]: ...
+    def trace(self) -> list[_TraceEntry]: ...
     def clear_trace(self) -> None: ...
-    def locks(self) -> NodeLocks: ...
+    def locks(self) -> _NodeLocks: ...
     def close(self) -> None: ...
     def __enter__(self) -> BlockNode: ...
     def __exit__(
@@ -101,10 +113,11 @@ def memory_node(
     size: int, *, readonly: bool = False, faults: FaultInjector | None = None
 ) -> BlockNode: ...
 def create_image(path: str | PathLike[str], size: int, *, format: _Format = "raw") -> None: ...
-def image_info(path: str | PathLike[str]) -> ImageInfo: ...
+def image_info(path: str | PathLike[str]) -> _ImageInfo: ...
+
 @final
 class GuestMemory:
-    def __init__(self, size: int) -> None: ...
+    def __new__(cls, size: int) -> GuestMemory: ...
     @property
     def size(self) -> int: ...
     def __len__(self) -> int: ...
@@ -117,7 +130,7 @@ _Op = Literal["read", "write", "flush", "discard", "write_zeroes"]
 
 @final
 class FaultInjector:
-    def __init__(self) -> None: ...
+    def __new__(cls) -> FaultInjector: ...
     def set_latency(self, seconds: float, *, op: _Op | None = None) -> None: ...
     def fail_nth(
         self, n: int, *, op: _Op | None = None, count: int = 1, errno: int = 5

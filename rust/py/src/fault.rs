@@ -60,7 +60,10 @@ impl PyFaultInjector {
 
     /// Fails the `n`-th operation from now (1 = the next one), of kind `op` if given, and the
     /// `count - 1` after it, with `errno`.
-    #[pyo3(signature = (n, *, op=None, count=NonNeg(1), errno=5))]
+    #[pyo3(
+        signature = (n, *, op=None, count=NonNeg(1), errno=5),
+        text_signature = "($self, n, *, op=None, count=1, errno=5)"
+    )]
     fn fail_nth(&self, n: NonNeg, op: Option<&str>, count: NonNeg, errno: i32) -> PyResult<()> {
         self.rules
             .fail_nth(n.0, op_kind(op)?, count.0, errno_arg(errno)?)

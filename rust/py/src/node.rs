@@ -264,7 +264,7 @@ impl PyBlockNode {
     }
 
     /// Keeps the last `capacity` operations in a trace (0 turns tracing off).
-    #[pyo3(signature = (capacity=NonNeg(4096)))]
+    #[pyo3(signature = (capacity=NonNeg(4096)), text_signature = "($self, capacity=4096)")]
     fn enable_trace(&self, capacity: NonNeg) -> PyResult<()> {
         self.check_open()?;
         let cap = capacity.0;
