@@ -23,14 +23,28 @@ def test_read_write_flush_async_round_trip() -> None:
 
 
 def test_errors_arrive_through_the_future() -> None:
-    node = blockemu.memory_node(4096)
-    job = node.read_async(4000, 200)
-    assert isinstance(job.exception(timeout=5), blockemu.OutOfRangeError)
-    with pytest.raises(blockemu.OutOfRangeError):
+    faults = blockemu.FaultInjector()
+    node = blockemu.memory_node(4096, faults=faults)
+    faults.fail_range(0, 4096, op="read")
+    job = node.read_async(0, 512)
+    error = job.exception(timeout=5)
+    assert isinstance(error, OSError) and "injected EIO" in str(error)
+    with pytest.raises(OSError):
         job.result()
-    inactive_path_job = blockemu.memory_node(4096, readonly=True).write_async(0, b"x")
+    readonly_job = blockemu.memory_node(4096, readonly=True).write_async(0, b"x")
     with pytest.raises(blockemu.ReadOnlyError):
-        inactive_path_job.result(timeout=5)
+        readonly_job.result(timeout=5)
+
+
+def test_bad_requests_fail_at_submission() -> None:
+    node = blockemu.memory_node(4096)
+    with pytest.raises(blockemu.OutOfRangeError):
+        node.read_async(4000, 200)
+    with pytest.raises(ValueError):
+        node.write_async(-1, b"x")
+    node.close()
+    with pytest.raises(ValueError):
+        node.flush_async()
 
 
 def test_result_timeout_while_storage_stalls() -> None:

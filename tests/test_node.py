@@ -70,6 +70,11 @@ def test_negative_and_out_of_range(make_image) -> None:
             node.write(4096, b"x")
         with pytest.raises(ValueError):
             node.read(2**70, 1)
+        # A huge length is out of range, never an attempt to allocate it.
+        with pytest.raises(OutOfRangeError):
+            node.read(0, 2**60)
+        with pytest.raises(OutOfRangeError):
+            node.read_async(0, 2**60)
         assert node.stats()["reads"] == 0
 
 

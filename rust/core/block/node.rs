@@ -459,6 +459,14 @@ impl BlockNode {
         result
     }
 
+    /// Checks, without issuing anything, that a read of `len` bytes at `offset` would be
+    /// accepted now; callers use it before allocating a buffer for the read (a request for
+    /// terabytes must fail as out of range, not as an allocation failure).
+    pub fn check_read(&self, offset: u64, len: u64) -> Result<()> {
+        let _in = self.enter(Op::Read, offset, len)?;
+        self.check_range(Op::Read, offset, len)
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;

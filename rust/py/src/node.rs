@@ -100,16 +100,14 @@ impl PyBlockNode {
         offset: NonNeg,
         length: NonNeg,
     ) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
-        let offset = offset.0;
-        let length = length.0;
-        self.check_open()?;
-        let len = usize::try_from(length)
-            .map_err(|_| PyValueError::new_err("length does not fit in memory"))?;
+        let (offset, length) = (offset.0, length.0);
         let node = &self.inner;
-        // An uninitialized bytes object, filled in place (as os.pread does): no zeroing, no copy.
-        // SAFETY: PyBytes_FromStringAndSize(NULL, n) returns a new bytes object of n bytes (or
-        // NULL with an exception set); it is not visible to any other thread until returned, so
-        // filling it with the GIL released is sound, and it is fully written before it escapes.
+        node.check_read(offset, length).py_err()?;
+        let len = length as usize; // within the image's size, so it fits
+                                   // An uninitialized bytes object, filled in place (as os.pread does): no zeroing, no copy.
+                                   // SAFETY: PyBytes_FromStringAndSize(NULL, n) returns a new bytes object of n bytes (or
+                                   // NULL with an exception set); it is not visible to any other thread until returned, so
+                                   // filling it with the GIL released is sound, and it is fully written before it escapes.
         unsafe {
             let obj = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), len as isize);
             let obj = Bound::from_owned_ptr_or_err(py, obj)?;
@@ -130,7 +128,6 @@ impl PyBlockNode {
         buffer: &Bound<'_, PyAny>,
     ) -> PyResult<usize> {
         let offset = offset.0;
-        self.check_open()?;
         let view = ByteView::get(buffer, true)?;
         let n = view.len();
         let node = &self.inner;
@@ -144,7 +141,6 @@ impl PyBlockNode {
     /// Writes a bytes-like object at `offset`.
     fn write(&self, py: Python<'_>, offset: NonNeg, data: &Bound<'_, PyAny>) -> PyResult<()> {
         let offset = offset.0;
-        self.check_open()?;
         let view = ByteView::get(data, false)?;
         let node = &self.inner;
         // SAFETY: as in readinto.
@@ -188,8 +184,8 @@ impl PyBlockNode {
         let offset = offset.0;
         let length = length.0;
         self.check_open()?;
-        let len = usize::try_from(length)
-            .map_err(|_| PyValueError::new_err("length does not fit in memory"))?;
+        self.inner.check_read(offset, length).py_err()?;
+        let len = length as usize; // within the image's size, so it fits
         let node = self.inner.clone();
         jobs::spawn(
             py,
