@@ -463,7 +463,10 @@ impl BlockNode {
     /// accepted now; callers use it before allocating a buffer for the read (a request for
     /// terabytes must fail as out of range, not as an allocation failure).
     pub fn check_read(&self, offset: u64, len: u64) -> Result<()> {
-        let _in = self.enter(Op::Read, offset, len)?;
+        if self.gate.load(Ordering::Acquire) & OPEN == 0 {
+            // Not open for I/O: let `enter` say why (and trace the refusal).
+            self.enter(Op::Read, offset, len)?;
+        }
         self.check_range(Op::Read, offset, len)
     }
 
