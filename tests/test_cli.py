@@ -9,6 +9,7 @@ from pathlib import Path
 
 import blockemu
 from blockemu.cli import main
+
 from peers import require_tool
 
 
