@@ -7,6 +7,8 @@ use crate::Result;
 ///
 /// Contract: `read_at`/`write_at` transfer the whole buffer or fail; callers (the node) have
 /// already checked the range against `len()`. Reads past the end are the caller's bug.
+// `len` is the storage length in bytes; an `is_empty` would mean nothing for a disk.
+#[allow(clippy::len_without_is_empty)]
 pub trait Backend: Send + Sync {
     /// A short name of the kind of backend ("file", "memory", "fault", ...).
     fn kind(&self) -> &'static str;
