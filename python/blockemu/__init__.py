@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from blockemu import _core
+from blockemu._core import Geometry, chs_to_lba, explain_geometry, guess_geometry, lba_to_chs
 from blockemu.errors import (
     BlockemuError,
     GeometryError,
@@ -19,6 +20,7 @@ __version__: str = _core.__version__
 
 __all__ = [
     "BlockemuError",
+    "Geometry",
     "GeometryError",
     "ImageFormatError",
     "InactiveError",
@@ -28,4 +30,8 @@ __all__ = [
     "ReadOnlyError",
     "StateError",
     "__version__",
+    "chs_to_lba",
+    "explain_geometry",
+    "guess_geometry",
+    "lba_to_chs",
 ]

@@ -74,6 +74,8 @@ impl<T> IntoPyResult<T> for Result<T, Error> {
 
 /// Runs `f` with the GIL released and Ctrl-C honoured: long waits inside the core poll
 /// `interrupt::check`, which re-attaches briefly to run Python's signal handlers.
+// Unused on the geometry branch alone (its users are the block-layer bindings).
+#[allow(dead_code)]
 pub fn detach_interruptible<T, F>(py: Python<'_>, f: F) -> T
 where
     F: FnOnce() -> T + Send,

@@ -4,9 +4,11 @@
 use pyo3::prelude::*;
 
 mod errors;
+mod geometry;
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    geometry::register(m)?;
     Ok(())
 }
