@@ -21,7 +21,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let total_sectors = u64::from_le_bytes(*size);
     let (selector, sector) = rest.split_first().map_or((0, &[][..]), |(s, r)| (*s, r));
-    let device = [DeviceKind::Ide, DeviceKind::Virtio, DeviceKind::ScsiHd][usize::from(selector % 3)];
+    let device =
+        [DeviceKind::Ide, DeviceKind::Virtio, DeviceKind::ScsiHd][usize::from(selector % 3)];
     let trans = match (selector / 3) % 5 {
         0 => TranslationRequest::Auto,
         n => TranslationRequest::Fixed(Translation::ALL[usize::from(n - 1)]),
@@ -35,7 +36,10 @@ fuzz_target!(|data: &[u8]| {
         }
         let rebuilt = table.to_boot_sector();
         assert_eq!(BootSector::parse(Some(&rebuilt)), boot);
-        assert_eq!(rebuilt[SIGNATURE_OFFSET..], sector[SIGNATURE_OFFSET..SIGNATURE_OFFSET + 2]);
+        assert_eq!(
+            rebuilt[SIGNATURE_OFFSET..],
+            sector[SIGNATURE_OFFSET..SIGNATURE_OFFSET + 2]
+        );
     }
 
     let config = GeometryConfig {
@@ -61,6 +65,9 @@ fuzz_target!(|data: &[u8]| {
     // The last CHS-addressable sector and the one after it.
     let last = g.chs_sectors() - 1;
     let (c, h, s) = lba_to_chs(&g, last).expect("last sector is addressable");
-    assert_eq!(chs_to_lba(&g, c.into(), h.into(), s.into()).ok(), Some(last));
+    assert_eq!(
+        chs_to_lba(&g, c.into(), h.into(), s.into()).ok(),
+        Some(last)
+    );
     assert!(lba_to_chs(&g, last + 1).is_err());
 });
