@@ -163,7 +163,10 @@ mod tests {
         };
         for lba in [1 << 32, (1 << 40) + 12345, huge.chs_sectors() - 1] {
             let (c, h, s) = lba_to_chs(&huge, lba).unwrap();
-            assert_eq!(chs_to_lba(&huge, c.into(), h.into(), s.into()).unwrap(), lba);
+            assert_eq!(
+                chs_to_lba(&huge, c.into(), h.into(), s.into()).unwrap(),
+                lba
+            );
         }
     }
 
