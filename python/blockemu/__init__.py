@@ -9,10 +9,15 @@ from __future__ import annotations
 from blockemu._core import (
     BlockNode,
     FaultInjector,
+    Geometry,
     GuestMemory,
     __version__,
+    chs_to_lba,
     create_image,
+    explain_geometry,
+    guess_geometry,
     image_info,
+    lba_to_chs,
     memory_node,
     open_image,
 )
@@ -33,6 +38,7 @@ __all__ = [
     "BlockNode",
     "BlockemuError",
     "FaultInjector",
+    "Geometry",
     "GeometryError",
     "GuestMemory",
     "ImageFormatError",
@@ -48,4 +54,8 @@ __all__ = [
     "image_info",
     "memory_node",
     "open_image",
+    "chs_to_lba",
+    "explain_geometry",
+    "guess_geometry",
+    "lba_to_chs",
 ]

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 mod convert;
 mod errors;
 mod fault;
+mod geometry;
 mod guest_memory;
 mod jobs;
 mod node;
@@ -17,5 +18,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     guest_memory::register(m)?;
     fault::register(m)?;
     jobs::register(m)?;
+    geometry::register(m)?;
     Ok(())
 }
