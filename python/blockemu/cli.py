@@ -10,6 +10,7 @@ from typing import Any
 
 import blockemu
 from blockemu.errors import BlockemuError
+from blockemu.geometry import format_report
 
 
 def _human(n: int) -> str:
@@ -60,6 +61,27 @@ def _cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_geometry(args: argparse.Namespace) -> int:
+    with blockemu.open_image(args.image, readonly=True, force_share=args.force_share) as node:
+        size = node.size or 0
+        boot = node.read(0, min(512, size)) if size else None
+    report = blockemu.explain_geometry(
+        boot,
+        -(-size // 512),  # a partial last sector counts, as in QEMU
+        cyls=args.cyls,
+        heads=args.heads,
+        secs=args.secs,
+        trans=args.trans,
+        device=args.device,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"image: {args.image}")
+        print(format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blockemu",
@@ -72,6 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser(
+        "geometry",
+        help="show the partition table and the CHS geometry a device would report",
+        description="Show the partition table of IMAGE's sector 0 and the geometry (and BIOS "
+        "translation) QEMU's ide-hd or virtio-blk would give it, with the reason.",
+    )
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--device", default="ide", choices=["ide", "virtio", "scsi-hd"])
+    p.add_argument("--cyls", type=int, default=0, help="user geometry: cylinders")
+    p.add_argument("--heads", type=int, default=0, help="user geometry: heads")
+    p.add_argument("--secs", type=int, default=0, help="user geometry: sectors per track")
+    p.add_argument("--trans", default="auto", choices=["auto", "none", "lba", "large", "rechs"])
+    p.add_argument(
+        "-U",
+        "--force-share",
+        action="store_true",
+        help="open without locking (an image another process is writing)",
+    )
+    p.set_defaults(func=_cmd_geometry)
 
     p = sub.add_parser("create", help="create an image (like qemu-img create)")
     p.add_argument("image")

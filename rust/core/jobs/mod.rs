@@ -8,11 +8,13 @@ mod job;
 mod once;
 mod owner;
 mod pool;
+mod prefetch;
 
 pub use job::{Job, JobState};
 pub use once::OnceJob;
 pub use owner::{Owner, Ticket};
 pub use pool::WorkerPool;
+pub use prefetch::{guess_from_node, GeometryPrefetch};
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
