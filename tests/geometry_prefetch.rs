@@ -113,7 +113,7 @@ fn failed_read_of_sector_zero_means_no_mbr() {
     let pool = WorkerPool::new(1).unwrap();
     let rules = Arc::new(FaultRules::new());
     rules
-        .fail_range(0, 512, Some(OpKind::Read), libc_eio())
+        .fail_range(0, 512, Some(OpKind::Read), libc::EIO)
         .unwrap();
     let r = rules.clone();
     let node = Arc::new(
