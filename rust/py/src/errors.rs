@@ -3,8 +3,6 @@
 //! The exception classes live in Python (`blockemu.errors`) so that they can use multiple
 //! inheritance (`OutOfRangeError` is also a `ValueError`, ...); they are imported here.
 
-use std::cell::RefCell;
-
 use blockemu_core::{Error, ErrorKind};
 use pyo3::exceptions::{PyOSError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
@@ -18,11 +16,6 @@ pyo3::import_exception!(blockemu.errors, GeometryError);
 pyo3::import_exception!(blockemu.errors, StateError);
 pyo3::import_exception!(blockemu.errors, ReadOnlyError);
 pyo3::import_exception!(concurrent.futures, CancelledError);
-
-thread_local! {
-    /// The exception a signal handler raised while this thread waited with the GIL released.
-    static PENDING_SIGNAL: RefCell<Option<PyErr>> = const { RefCell::new(None) };
-}
 
 /// Core error -> Python exception. Every binding returns errors through this.
 pub fn to_py(err: Error) -> PyErr {
@@ -50,8 +43,8 @@ pub fn to_py(err: Error) -> PyErr {
         ErrorKind::InvalidArgument | ErrorKind::Closed => PyValueError::new_err(msg),
         ErrorKind::Cancelled => CancelledError::new_err(msg),
         ErrorKind::Timeout => PyTimeoutError::new_err(msg),
-        ErrorKind::Interrupted => PENDING_SIGNAL
-            .with(|p| p.borrow_mut().take())
+        // The signal handler's exception is still set on this thread (see `signal_pending`).
+        ErrorKind::Interrupted => Python::attach(PyErr::take)
             .unwrap_or_else(|| pyo3::exceptions::PyKeyboardInterrupt::new_err(msg)),
         _ => BlockemuError::new_err(msg),
     }
@@ -75,28 +68,44 @@ thread_local! {
     static HOOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// The interrupt hook of Python threads: runs the signal handlers (Ctrl-C) from inside a wait
+/// that released the GIL. It uses the C API directly (not pyo3's attach), because the thread
+/// is detached behind pyo3's back (see `detach_interruptible`). An exception raised by a
+/// handler stays set on the thread state, where `to_py` picks it up.
+fn signal_pending() -> bool {
+    // SAFETY: the interpreter is initialized (we were called from Python); Ensure/Release
+    // bracket the call on this thread.
+    unsafe {
+        let gil = pyo3::ffi::PyGILState_Ensure();
+        let raised = pyo3::ffi::PyErr_CheckSignals() != 0;
+        pyo3::ffi::PyGILState_Release(gil);
+        raised
+    }
+}
+
+/// Re-attaches when dropped, also while unwinding from a panic.
+struct Reattach(*mut pyo3::ffi::PyThreadState);
+
+impl Drop for Reattach {
+    fn drop(&mut self) {
+        // SAFETY: the state saved by PyEval_SaveThread on this thread.
+        unsafe { pyo3::ffi::PyEval_RestoreThread(self.0) };
+    }
+}
+
 /// Runs `f` with the GIL released and Ctrl-C honoured: long waits inside the core poll
-/// `interrupt::check`, which re-attaches briefly to run Python's signal handlers. The hook is
-/// installed once per thread, so this costs a thread-local read per call.
-pub fn detach_interruptible<T, F>(py: Python<'_>, f: F) -> T
+/// `interrupt::check`, which runs Python's signal handlers. This is the hot path of every
+/// node I/O, so it releases the GIL with the bare C API (pyo3's `detach` also takes its
+/// reference-pool lock on the way back); `f` must not touch Python, which the core cannot.
+pub fn detach_interruptible<T, F>(_py: Python<'_>, f: F) -> T
 where
     F: FnOnce() -> T + Send,
     T: Send,
 {
-    if !HOOKED.with(|h| h.get()) {
-        HOOKED.with(|h| h.set(true));
-        // The hook lives in the core's thread-local, on this same thread.
-        py.detach(|| {
-            blockemu_core::interrupt::install(|| {
-                Python::attach(|py| match py.check_signals() {
-                    Ok(()) => false,
-                    Err(e) => {
-                        PENDING_SIGNAL.with(|p| *p.borrow_mut() = Some(e));
-                        true
-                    }
-                })
-            })
-        });
+    if !HOOKED.with(|h| h.replace(true)) {
+        blockemu_core::interrupt::install(signal_pending);
     }
-    py.detach(f)
+    // SAFETY: we hold the GIL (`_py`); `Reattach` restores it before returning or unwinding.
+    let _reattach = Reattach(unsafe { pyo3::ffi::PyEval_SaveThread() });
+    f()
 }

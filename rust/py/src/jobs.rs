@@ -62,8 +62,9 @@ where
     let settle = jobs.getattr("_settle")?.unbind();
     let target = future.clone().unbind();
     job.on_complete(move |result| {
-        // The interpreter may be gone (exit with jobs in flight): then nobody waits.
-        Python::try_attach(|py| {
+        // The interpreter may be gone (exit with jobs in flight): then nobody waits. The
+        // Python objects move into the attached closure so that they are dropped attached.
+        Python::try_attach(move |py| {
             let (value, error) = match result {
                 Ok(v) => match convert(py, v) {
                     Ok(obj) => (obj, None),
