@@ -33,15 +33,7 @@ pub trait Backend: Send + Sync {
 
     /// Makes a range read as zeroes, cheaply where the backend can.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK) as usize;
-            self.write_at(&zeroes[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zeroes_by_writing(self, offset, len)
     }
 
     /// Drops every cached copy of the data this backend (or the host for it) holds, so the
@@ -54,4 +46,21 @@ pub trait Backend: Send + Sync {
     fn allocated(&self) -> Result<Option<u64>> {
         Ok(None)
     }
+}
+
+/// Makes a range read as zeroes the slow way: by writing zero-filled buffers.
+pub fn write_zeroes_by_writing<B: Backend + ?Sized>(
+    backend: &B,
+    offset: u64,
+    len: u64,
+) -> Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(CHUNK) as usize;
+        backend.write_at(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }

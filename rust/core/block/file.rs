@@ -7,6 +7,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
+use super::backend::write_zeroes_by_writing;
 use super::Backend;
 use crate::{Error, Result};
 
@@ -77,6 +78,23 @@ impl FileBackend {
         e.with_path(&self.path).with_op(op).with_offset(offset)
     }
 
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: plain syscall on a valid fd.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn direct(&self) -> bool {
         self.buffered.is_some()
     }
@@ -145,6 +163,14 @@ fn read_upto(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether fallocate failed because the file system cannot do that mode.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
+}
+
 impl Backend for FileBackend {
     fn kind(&self) -> &'static str {
         "file"
@@ -211,56 +237,23 @@ impl Backend for FileBackend {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<bool> {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: plain syscall on a valid fd.
-        let r = unsafe {
-            libc::fallocate(
-                fd,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            return Ok(true);
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
-            _ => Err(self.err(e, "discard", offset)),
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate(mode, offset, len) {
+            Ok(()) => Ok(true),
+            Err(e) if unsupported(&e) => Ok(false),
+            Err(e) => Err(self.err(e, "discard", offset)),
         }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: plain syscall on a valid fd.
-        let r = unsafe {
-            libc::fallocate(
-                fd,
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => {
-                // No cheap way on this file system: write real zeroes.
-                const CHUNK: u64 = 1 << 20;
-                let mut zeroes = Bounce::new(CHUNK.min(len).max(1) as usize);
-                let z = zeroes.as_mut();
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(z.len() as u64) as usize;
-                    self.write_at(&z[..n], offset + done)?;
-                    done += n as u64;
-                }
-                Ok(())
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        match self.fallocate(mode, offset, len) {
+            Ok(()) => Ok(()),
+            // No cheap way on this file system: write real zeroes.
+            Err(e) if unsupported(&e) || e.raw_os_error() == Some(libc::EINVAL) => {
+                write_zeroes_by_writing(self, offset, len)
             }
-            _ => Err(self.err(e, "write_zeroes", offset)),
+            Err(e) => Err(self.err(e, "write_zeroes", offset)),
         }
     }
 
