@@ -240,7 +240,9 @@ fn inactivate_waits_for_io_in_flight_and_refuses_new_io() {
     }
     let node = Arc::new(
         memory_node(1 << 16, false, |_| {
-            Arc::new(Slow(blockemu_core::block::MemoryBackend::new(1 << 16)))
+            Arc::new(Slow(
+                blockemu_core::block::MemoryBackend::new(1 << 16).unwrap(),
+            ))
         })
         .unwrap(),
     );
@@ -272,4 +274,12 @@ fn inactivate_waits_for_io_in_flight_and_refuses_new_io() {
     for r in readers {
         r.join().unwrap();
     }
+}
+
+#[test]
+fn impossible_memory_disk_is_an_error_not_an_abort() {
+    let err = memory_node(1 << 62, false, |b| b).unwrap_err();
+    assert_eq!(err.os_code(), Some(libc::ENOMEM));
+    assert!(blockemu_core::block::zeroed_buffer(1 << 62).is_err());
+    assert_eq!(blockemu_core::block::zeroed_buffer(3).unwrap(), vec![0, 0, 0]);
 }

@@ -225,6 +225,13 @@ def test_cache_none_uses_o_direct(tmp_path: Path) -> None:
         assert node.read(4096, 4096) == bytes(range(256)) * 16
 
 
+def test_impossible_sizes_are_errors_not_crashes() -> None:
+    with pytest.raises(OSError):
+        blockemu.memory_node(2**62)
+    with pytest.raises(ValueError):
+        blockemu.GuestMemory(2**62)
+
+
 def test_memory_node_and_discard(make_image) -> None:
     node = blockemu.memory_node(1 << 16)
     node.write(0, b"\xff" * 8192)

@@ -123,15 +123,23 @@ struct Bounce {
 }
 
 impl Bounce {
-    fn new(len: usize) -> Self {
+    /// An aligned buffer of `len` bytes; ENOMEM (an I/O error, not an abort) when the
+    /// allocation fails, since the size comes from a caller's request.
+    fn new(len: usize) -> Result<Self> {
+        let nomem = || {
+            Error::os(
+                libc::ENOMEM,
+                format!("cannot allocate a {len}-byte bounce buffer"),
+            )
+        };
         let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN)
-            .expect("bounce layout");
+            .map_err(|_| nomem())?;
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
+            return Err(nomem());
         }
-        Bounce { ptr, layout }
+        Ok(Bounce { ptr, layout })
     }
     fn as_mut(&mut self) -> &mut [u8] {
         // SAFETY: ptr is a live allocation of layout.size() bytes owned by self.
@@ -185,7 +193,7 @@ impl Backend for FileBackend {
         }
         let start = offset - offset % DIRECT_ALIGN as u64;
         let end = (offset + buf.len() as u64).div_ceil(DIRECT_ALIGN as u64) * DIRECT_ALIGN as u64;
-        let mut bounce = Bounce::new((end - start) as usize);
+        let mut bounce = Bounce::new((end - start) as usize)?;
         read_upto(&self.file, bounce.as_mut(), start).map_err(|e| self.err(e, "read", offset))?;
         let skip = (offset - start) as usize;
         buf.copy_from_slice(&bounce.as_mut()[skip..skip + buf.len()]);
@@ -216,7 +224,7 @@ impl Backend for FileBackend {
                 .write_all_at(buf, offset)
                 .map_err(|e| self.err(e, "write", offset));
         }
-        let mut bounce = Bounce::new((end - start) as usize);
+        let mut bounce = Bounce::new((end - start) as usize)?;
         let span = bounce.as_mut();
         read_upto(&self.file, span, start).map_err(|e| self.err(e, "write", offset))?;
         let skip = (offset - start) as usize;

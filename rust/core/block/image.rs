@@ -163,7 +163,7 @@ pub fn memory_node(
 ) -> Result<BlockNode> {
     let len = usize::try_from(size)
         .map_err(|_| Error::invalid(format!("memory disk of {size} bytes is too large")))?;
-    let backend = wrap(Arc::new(MemoryBackend::new(len)));
+    let backend = wrap(Arc::new(MemoryBackend::new(len)?));
     BlockNode::new(
         backend,
         NodeConfig {

@@ -11,10 +11,11 @@ pub struct MemoryBackend {
 }
 
 impl MemoryBackend {
-    pub fn new(size: usize) -> Self {
-        MemoryBackend {
-            data: RwLock::new(vec![0; size]),
-        }
+    /// A zero-filled disk of `size` bytes (ENOMEM if it cannot be allocated).
+    pub fn new(size: usize) -> Result<Self> {
+        Ok(MemoryBackend {
+            data: RwLock::new(super::zeroed_buffer(size)?),
+        })
     }
 
     pub fn from_vec(data: Vec<u8>) -> Self {
@@ -73,7 +74,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_zeroes() {
-        let m = MemoryBackend::new(4096);
+        let m = MemoryBackend::new(4096).unwrap();
         m.write_at(&[1, 2, 3], 10).unwrap();
         let mut b = [0u8; 3];
         m.read_at(&mut b, 10).unwrap();

@@ -22,3 +22,23 @@ pub use image::{
 pub use lock::{LockProbe, LockSet, Perm};
 pub use memory::MemoryBackend;
 pub use node::{BlockNode, CacheMode, NodeConfig, NodeStats, Op, Outcome, Phase, TraceEntry};
+
+/// A zero-filled buffer whose size comes from a caller or guest: allocation failure is an
+/// error (ENOMEM), never an abort of the process. The memory comes zeroed from the allocator
+/// (calloc-style), so a large buffer costs nothing until it is touched.
+pub fn zeroed_buffer(len: usize) -> crate::Result<Vec<u8>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let nomem = || crate::Error::os(libc::ENOMEM, format!("cannot allocate a {len}-byte buffer"));
+    let layout = std::alloc::Layout::array::<u8>(len).map_err(|_| nomem())?;
+    // SAFETY: non-zero size; on success the allocation has exactly the layout a Vec<u8> of
+    // capacity `len` owns (align 1), and alloc_zeroed initialized all `len` bytes.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout);
+        if ptr.is_null() {
+            return Err(nomem());
+        }
+        Ok(Vec::from_raw_parts(ptr, len, len))
+    }
+}

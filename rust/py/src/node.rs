@@ -190,7 +190,7 @@ impl PyBlockNode {
         jobs::spawn(
             py,
             move || {
-                let mut buf = vec![0u8; len];
+                let mut buf = block::zeroed_buffer(len)?;
                 node.read(offset, &mut buf).map(|()| Arc::new(buf))
             },
             |py, buf: &Arc<Vec<u8>>| Ok(PyBytes::new(py, buf).into_any()),
