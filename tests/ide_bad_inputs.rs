@@ -219,3 +219,35 @@ fn b_random_register_storm_never_panics() {
     }
     g.ch.drain(WAIT).unwrap();
 }
+
+#[test]
+fn srst_always_returns_0x50_for_a_present_disk() {
+    // SRST from every kind of state: idle, data-in, data-out, BSY read, pending DMA, error,
+    // nIEN set, slave selected, SRST held high.
+    let g = Guest::f1_with(None, true);
+    let states: [fn(&Guest); 9] = [
+        |_| {},
+        |g| g.w(7, 0xEC),
+        |g| g.lba28(0x30, 0, 8),
+        |g| g.lba28(0x20, 0, 0),
+        |g| g.lba28(0xC8, 0, 1),
+        |g| g.w(7, 0xFF),
+        |g| g.ctl(0x0A),
+        |g| g.w(6, 0xB0),
+        |g| {
+            g.ctl(0x0C);
+            g.settle();
+        },
+    ];
+    for (i, enter) in states.iter().enumerate() {
+        enter(&g);
+        g.ctl(0x08);
+        g.ctl(0x0C);
+        g.ctl(0x08);
+        g.settle();
+        g.w(6, 0xA0);
+        assert_eq!(g.r(7), 0x50, "state {i}");
+        assert_eq!(g.r(1), 0x01, "state {i}");
+        assert_eq!(g.d16(), 0);
+    }
+}

@@ -39,8 +39,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let rules = Arc::new(FaultRules::new());
     // One bad sector, so error paths run too.
-    rules.fail_range(100 * 512, 512, Some(OpKind::Read), 5).unwrap();
-    rules.fail_range(101 * 512, 512, Some(OpKind::Write), 5).unwrap();
+    rules
+        .fail_range(100 * 512, 512, Some(OpKind::Read), 5)
+        .unwrap();
+    rules
+        .fail_range(101 * 512, 512, Some(OpKind::Write), 5)
+        .unwrap();
     let memory = Arc::new(GuestMemory::new(1 << 16).unwrap());
     let slave = (setup & 2 != 0).then(|| disk(setup, &rules));
     let ch = IdeChannel::new(Some(disk(setup, &rules)), slave, Some(memory.clone())).unwrap();
@@ -56,7 +60,11 @@ fuzz_target!(|data: &[u8]| {
             }
             1 | 2 => {
                 let reg = offset % 8;
-                let size = if reg == 0 { [1, 2, 4][usize::from(offset / 8 % 3)] } else { 1 };
+                let size = if reg == 0 {
+                    [1, 2, 4][usize::from(offset / 8 % 3)]
+                } else {
+                    1
+                };
                 let _ = ch.ioport_write(reg, value, size);
             }
             3 => {

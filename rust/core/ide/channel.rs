@@ -878,16 +878,16 @@ impl Shared {
         f: impl FnOnce(&mut ChannelState, &mut Vec<Action>) -> R,
     ) -> R {
         let mut out = Vec::new();
-        let r = {
+        let (r, gen) = {
             let mut st = lock(&self.state);
             let before = st.irq_raises;
             let r = f(&mut st, &mut out);
             if st.irq_raises != before {
                 self.irq_raised.notify_all();
             }
-            r
+            (r, st.gen)
         };
-        self.run(out);
+        self.run(out, gen);
         r
     }
 
@@ -911,9 +911,10 @@ impl Shared {
         job.on_complete(move |_| me.end());
     }
 
-    fn run(self: &Arc<Self>, actions: Vec<Action>) {
+    /// Submits `actions`, decided under the lock in generation `gen` (a reset since then
+    /// voids their completions).
+    fn run(self: &Arc<Self>, actions: Vec<Action>, gen: u64) {
         for action in actions {
-            let gen = lock(&self.state).gen;
             let disk_of = |unit: usize| lock(&self.state).drives[unit].disk.clone();
             match action {
                 Action::Read {
