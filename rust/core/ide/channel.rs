@@ -407,9 +407,13 @@ impl ChannelState {
         }
         d.read_ahead.fetching = false;
         let Ok(r) = res else {
-            // The job never ran (pool shut down): the block fails like a backend error.
+            // The job never ran (pool shut down): a waiting block fails like a backend
+            // error; otherwise the next block finds nothing and fetches again.
+            let waiting = d.read_ahead.waiting;
             d.read_ahead.clear();
-            self.rw_error(unit);
+            if waiting {
+                self.rw_error(unit);
+            }
             return;
         };
         d.read_ahead.lba = r.lba;
