@@ -404,7 +404,13 @@ fn s22_23_nien_and_edd() {
 
 #[test]
 fn s24_set_features() {
-    let g = Guest::f1();
+    // The flush of SET FEATURES 0x82 takes a while, so BSY is observable.
+    let rules = std::sync::Arc::new(blockemu_core::block::FaultRules::new());
+    rules.set_latency(
+        Some(blockemu_core::block::OpKind::Flush),
+        std::time::Duration::from_millis(50),
+    );
+    let g = Guest::f1_with(Some(rules), false);
     g.w(1, 0x82);
     g.w(7, 0xEF);
     assert_eq!(g.r(7), 0xC0);
@@ -567,4 +573,23 @@ fn s10_s15_lba48_on_a_small_disk() {
     assert_eq!([g.r(3), g.r(4), g.r(5)], [0, 0, 0]);
     g.w(1, 0);
     assert_eq!(g.r(3), 2, "any register write clears HOB");
+}
+
+#[test]
+fn srst_completes_by_itself_for_polling_and_waiting_guests() {
+    let g = Guest::f1();
+    // SeaBIOS style: nIEN set, poll until !BSY.
+    g.ctl(0x0E);
+    g.ctl(0x0A);
+    let t = std::time::Instant::now();
+    while g.alt() & 0x80 != 0 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
+    assert_eq!(g.r(7), 0x50);
+    assert!(!g.irq());
+    // Interrupt-driven: the line rises when the reset completes.
+    g.ctl(0x0C);
+    g.ctl(0x08);
+    assert!(g.ch.wait_irq(WAIT).unwrap());
+    assert_eq!((g.r(7), g.r(1)), (0x50, 0x01));
 }

@@ -23,10 +23,12 @@ use crate::{interrupt, Error, Result, SECTOR_SIZE};
 /// Most sectors one backend read of a PIO read fetches ahead (128 KiB).
 pub const READ_AHEAD_SECTORS: u64 = 256;
 
-/// How long a soft reset keeps BSY before it completes (on a worker). QEMU completes it in a
-/// bottom half, after the Device Control write returned; real drives take milliseconds, and
-/// drivers wait longer (SeaBIOS 2 ms, Linux 150 ms), so BSY is observable right after SRST.
-pub const SRST_DELAY: Duration = Duration::from_millis(1);
+/// How long a soft reset shows BSY when nobody waits for it. QEMU completes it in a bottom
+/// half after the Device Control write returned, so BSY is observable right after SRST; real
+/// drives take milliseconds and drivers wait longer (SeaBIOS 2 ms, then polls; Linux 150 ms).
+/// The reset needs no storage: it completes at the first channel access after this delay, or
+/// at once when someone drains the channel (`drain`, `stop`).
+pub const SRST_DELAY: Duration = Duration::from_millis(10);
 
 /// QEMU numbers drive serials "QM%05d" per IDE slot created in the process (two per channel).
 static NEXT_SERIAL: AtomicU32 = AtomicU32::new(1);
@@ -154,6 +156,8 @@ pub struct ChannelState {
     pub irq_raises: u64,
     /// Bumped by SRST: completions of older generations are dropped.
     pub gen: u64,
+    /// A soft reset is pending (BSY shown) and completes at this instant.
+    pub reset_due: Option<Instant>,
     pub bm: Option<BusMaster>,
     /// Guest memory the bus master reads PRD tables from (not device state).
     pub(crate) memory_hint: Option<MemoryRef>,
@@ -173,6 +177,7 @@ impl ChannelState {
             irq: false,
             irq_raises: 0,
             gen: 0,
+            reset_due: None,
             bm: bus_master.then(BusMaster::default),
             memory_hint: None,
         }
@@ -688,10 +693,18 @@ impl ChannelState {
         self.diagnostic(unit);
     }
 
-    fn reset_done(&mut self, gen: u64) {
-        if self.gen != gen {
-            return;
+    /// Completes a pending soft reset if it is due (or `now` is forced).
+    fn poll_reset(&mut self, force: bool) {
+        match self.reset_due {
+            Some(due) if force || Instant::now() >= due => {
+                self.reset_due = None;
+                self.reset_done();
+            }
+            _ => {}
         }
+    }
+
+    fn reset_done(&mut self) {
         self.srst_drive(0);
         self.srst_drive(1);
         if let Some(bm) = &mut self.bm {
@@ -761,6 +774,7 @@ impl ChannelState {
                 d.tf.status |= BSY;
             }
             self.gen += 1;
+            self.reset_due = Some(Instant::now() + SRST_DELAY);
             out.push(Action::Reset);
         }
         self.ctrl = val;
@@ -885,6 +899,7 @@ impl Shared {
         let (r, gen) = {
             let mut st = lock(&self.state);
             let before = st.irq_raises;
+            st.poll_reset(false);
             let r = f(&mut st, &mut out);
             if st.irq_raises != before {
                 self.irq_raised.notify_all();
@@ -1018,11 +1033,6 @@ impl Shared {
                 Action::Reset => {
                     // Completions of the old generation must not land after the reset.
                     self.owner.invalidate();
-                    let job = self.pool.submit(|| {
-                        std::thread::sleep(SRST_DELAY);
-                        Ok(())
-                    });
-                    self.attach(job, gen, move |st, _, _| st.reset_done(gen));
                 }
             }
         }
@@ -1111,7 +1121,7 @@ impl IdeChannel {
 
     /// Alternate Status: like Status but the IRQ stays as it is.
     pub fn ctrl_read(&self) -> u8 {
-        lock(&self.shared.state).alt_status()
+        self.shared.with_state(|st, _| st.alt_status())
     }
 
     /// Device Control (nIEN, SRST, HOB).
@@ -1130,7 +1140,7 @@ impl IdeChannel {
     }
 
     pub fn irq(&self) -> bool {
-        lock(&self.shared.state).irq
+        self.shared.with_state(|st, _| st.irq)
     }
 
     /// How often the line was raised since the channel was created.
@@ -1143,10 +1153,15 @@ impl IdeChannel {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = lock(&self.shared.state);
         loop {
+            // A pending soft reset raises the line when it is due (it needs no storage).
+            st.poll_reset(false);
             if st.irq {
                 return Ok(true);
             }
             let mut step = interrupt::POLL;
+            if let Some(due) = st.reset_due {
+                step = step.min(due.saturating_duration_since(Instant::now()));
+            }
             if let Some(deadline) = deadline {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -1183,6 +1198,7 @@ impl IdeChannel {
 
     /// Waits until no backend work of this channel is in flight (completions included).
     pub fn drain(&self, timeout: Option<Duration>) -> Result<()> {
+        self.shared.with_state(|st, _| st.poll_reset(true));
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut n = lock(&self.shared.in_flight);
         while *n > 0 {
@@ -1273,5 +1289,59 @@ impl Drop for IdeChannel {
     fn drop(&mut self) {
         lock(&self.shared.state).gen += 1;
         self.shared.owner.invalidate();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::memory_node;
+    use crate::ide::IdeDiskConfig;
+
+    fn channel(slave: bool) -> IdeChannel {
+        let disk = || {
+            let node = Arc::new(memory_node(1 << 20, false, |b| b).unwrap());
+            Some(Arc::new(
+                IdeDisk::new(node, IdeDiskConfig::default()).unwrap(),
+            ))
+        };
+        IdeChannel::new(disk(), if slave { disk() } else { None }, None).unwrap()
+    }
+
+    #[test]
+    fn register_writes_reach_both_drives_and_serials_follow_slots() {
+        let ch = channel(true);
+        ch.ioport_write(3, 0x12, 1).unwrap();
+        ch.ioport_write(6, 0xB0, 1).unwrap();
+        let st = ch.state();
+        assert_eq!(
+            (st.drives[0].tf.sector, st.drives[1].tf.sector),
+            (0x12, 0x12)
+        );
+        assert_eq!(st.unit, 1);
+        let n0: u32 = st.drives[0].serial[2..].parse().unwrap();
+        let n1: u32 = st.drives[1].serial[2..].parse().unwrap();
+        assert_eq!(n1, n0 + 1);
+        assert_eq!(ch.ioport_read(7, 1).unwrap(), 0x50, "present slave");
+    }
+
+    #[test]
+    fn bad_port_accesses_are_argument_errors() {
+        let ch = channel(false);
+        for (off, size) in [(8, 1), (1, 2), (0, 3), (7, 4)] {
+            assert!(ch.ioport_read(off, size).is_err());
+            assert!(ch.ioport_write(off, 0, size).is_err());
+        }
+        assert!(ch.bmdma_read(0, 1).is_err(), "no bus master without memory");
+    }
+
+    #[test]
+    fn no_drives_read_zero() {
+        let ch = IdeChannel::new(None, None, None).unwrap();
+        for reg in 1..=7 {
+            assert_eq!(ch.ioport_read(reg, 1).unwrap(), 0);
+        }
+        ch.ioport_write(7, 0xEC, 1).unwrap();
+        assert_eq!(ch.ctrl_read(), 0);
     }
 }

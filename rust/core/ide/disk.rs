@@ -89,3 +89,36 @@ impl IdeDisk {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::memory_node;
+    use crate::ErrorKind;
+
+    #[test]
+    fn creation_reads_nothing_and_validates_user_geometry() {
+        let node = Arc::new(memory_node(1 << 20, false, |b| b).unwrap());
+        let disk = IdeDisk::new(node.clone(), IdeDiskConfig::default()).unwrap();
+        assert!(disk.geometry().is_none());
+        assert_eq!(disk.total_sectors(), 2048);
+        assert_eq!(node.stats().reads, 0);
+        let bad = IdeDiskConfig {
+            cyls: 10,
+            heads: 17,
+            secs: 63,
+            ..IdeDiskConfig::default()
+        };
+        let err = IdeDisk::new(node.clone(), bad).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Geometry);
+        assert_eq!(err.message(), "heads must be between 1 and 16");
+        let user = IdeDiskConfig {
+            cyls: 10,
+            heads: 16,
+            secs: 255,
+            ..IdeDiskConfig::default()
+        };
+        let g = IdeDisk::new(node, user).unwrap().geometry().unwrap();
+        assert_eq!((g.cyls, g.heads, g.secs), (10, 16, 255));
+    }
+}
