@@ -1,6 +1,6 @@
 //! An IDE channel: two drive slots sharing one task-file bus, one IRQ line, one Device
 //! Control register and (optionally) a bus master. Register accesses run under the channel
-//! lock and never touch storage; backend work is submitted to the worker pool as [`Action`]s
+//! lock and never touch storage; backend work is submitted to the worker pool as actions
 //! after the lock is released, and its completion re-takes the lock, checks that no reset
 //! happened since (generation + per-drive command sequence), sets status and raises the IRQ.
 
