@@ -41,6 +41,8 @@ def test_identify_before_start_completes_later() -> None:
     ch = blockemu.IdeChannel(_disk(cyls=100, heads=16, secs=63))
     words = _identify(ch)
     assert words[1] == 100
+    # Default serial: the master of a primary channel, as QEMU numbers it.
+    assert words[10:14] == [0x514D, 0x3030, 0x3030, 0x3120]
 
 
 def test_pio_read_and_bad_calls() -> None:

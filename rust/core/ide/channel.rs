@@ -4,7 +4,6 @@
 //! after the lock is released, and its completion re-takes the lock, checks that no reset
 //! happened since (generation + per-drive command sequence), sets status and raises the IRQ.
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -30,8 +29,11 @@ pub const READ_AHEAD_SECTORS: u64 = 256;
 /// at once when someone drains the channel (`drain`, `stop`).
 pub const SRST_DELAY: Duration = Duration::from_millis(10);
 
-/// QEMU numbers drive serials "QM%05d" per IDE slot created in the process (two per channel).
-static NEXT_SERIAL: AtomicU32 = AtomicU32::new(1);
+/// Default serial numbers: QEMU numbers its IDE slots "QM%05d" in creation order, so the
+/// primary channel's master and slave are QM00001 and QM00002. A channel does not know
+/// whether it is primary; it numbers like the primary one (deterministic whatever else the
+/// process created). Give `serial` explicitly for a secondary channel (QEMU: 3 and 4).
+const MASTER_SERIAL: u32 = 1;
 
 /// One drive slot: its task file and everything QEMU keeps per drive.
 #[derive(Debug, Clone)]
@@ -169,9 +171,11 @@ fn ok_tf(d: &Drive) -> bool {
 
 impl ChannelState {
     fn new(master: Option<Arc<IdeDisk>>, slave: Option<Arc<IdeDisk>>, bus_master: bool) -> Self {
-        let first = NEXT_SERIAL.fetch_add(2, Ordering::Relaxed);
         ChannelState {
-            drives: [Drive::new(master, first), Drive::new(slave, first + 1)],
+            drives: [
+                Drive::new(master, MASTER_SERIAL),
+                Drive::new(slave, MASTER_SERIAL + 1),
+            ],
             unit: 0,
             ctrl: 0,
             irq: false,
@@ -1319,9 +1323,10 @@ mod tests {
             (0x12, 0x12)
         );
         assert_eq!(st.unit, 1);
-        let n0: u32 = st.drives[0].serial[2..].parse().unwrap();
-        let n1: u32 = st.drives[1].serial[2..].parse().unwrap();
-        assert_eq!(n1, n0 + 1);
+        assert_eq!(
+            (&*st.drives[0].serial, &*st.drives[1].serial),
+            ("QM00001", "QM00002")
+        );
         assert_eq!(ch.ioport_read(7, 1).unwrap(), 0x50, "present slave");
     }
 

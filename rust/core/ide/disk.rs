@@ -15,7 +15,7 @@ pub struct IdeDiskConfig {
     pub heads: u32,
     pub secs: u32,
     pub trans: TranslationRequest,
-    /// `None`: QEMU's "QM%05d" from the drive's slot number.
+    /// `None`: QEMU's "QM%05d" of the slot on a primary channel (QM00001 master, QM00002 slave).
     pub serial: Option<String>,
     pub model: Option<String>,
     pub write_cache: bool,
