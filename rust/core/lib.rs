@@ -8,6 +8,7 @@ pub mod block;
 pub mod error;
 pub mod geometry;
 pub mod guest_memory;
+pub mod ide;
 pub mod interrupt;
 pub mod jobs;
 

@@ -25,6 +25,12 @@ use crate::errors::{to_py, IntoPyResult};
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PyGeometry(Geometry);
 
+impl From<Geometry> for PyGeometry {
+    fn from(g: Geometry) -> Self {
+        PyGeometry(g)
+    }
+}
+
 #[pymethods]
 impl PyGeometry {
     #[new]

@@ -8,6 +8,7 @@ mod errors;
 mod fault;
 mod geometry;
 mod guest_memory;
+mod ide;
 mod jobs;
 mod node;
 
@@ -19,5 +20,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     fault::register(m)?;
     jobs::register(m)?;
     geometry::register(m)?;
+    ide::register(m)?;
     Ok(())
 }
