@@ -23,6 +23,7 @@ import select
 import shutil
 import subprocess
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,8 @@ class QemuIde:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+        # Never leave a QEMU behind (qtest does not exit when its input closes).
+        weakref.finalize(self, self.proc.kill)
         assert self.proc.stdout is not None
         self._fd = self.proc.stdout.fileno()
         self._buf = b""
@@ -127,6 +130,7 @@ class QemuIde:
         self.irq_events: list[bool] = []
         self.last_command: int | None = None
         self.memory = QemuMemory(self)
+        self.closed = False
         self.cmd("irq_intercept_in ioapic")
         # PIIX3 IDE (00:01.1): BAR4 = bus-master block, command register = I/O + bus master.
         self._cfg_write(0x20, BM_BASE | 1, 4)
@@ -277,6 +281,9 @@ class QemuIde:
         pass
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.communicate(timeout=10)
@@ -306,6 +313,7 @@ class BlockemuIde:
         self.channel = be.IdeChannel(self.disk, memory=self.memory)
         self.channel.start()
         self.last_command: int | None = None
+        self.closed = False
 
     def ioport_read(self, offset: int, size: int = 1) -> int:
         return int(self.channel.ioport_read(offset, size))
@@ -365,6 +373,9 @@ class BlockemuIde:
         self.channel.start()
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         try:
             self.channel.stop()
         finally:
