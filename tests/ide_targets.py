@@ -198,7 +198,10 @@ class QemuIde:
 
     def ioport_write(self, offset: int, value: int, size: int = 1) -> None:
         if offset == 7 and size == 1:
-            self.last_command = value & 0xFF
+            # Remember the command only if the device takes it (not busy, no DRQ, present).
+            st = self.ctrl_read()
+            if not st & 0x88 and st != 0:
+                self.last_command = value & 0xFF
         self._out({1: "b", 2: "w", 4: "l"}[size], CMD_BASE + offset, value)
 
     def ctrl_read(self) -> int:
@@ -320,7 +323,9 @@ class BlockemuIde:
 
     def ioport_write(self, offset: int, value: int, size: int = 1) -> None:
         if offset == 7 and size == 1:
-            self.last_command = value & 0xFF
+            st = self.channel.ctrl_read()
+            if not st & 0x88 and st != 0:
+                self.last_command = value & 0xFF
         self.channel.ioport_write(offset, value, size)
 
     def ctrl_read(self) -> int:
@@ -348,26 +353,35 @@ class BlockemuIde:
     def write_data(self, data: bytes) -> Any:
         return self.channel.write_data(data)
 
+    # The bulk helpers must stop exactly at the end of a DRQ block, as QEMU's atomic batches
+    # do. A word-by-word loop here would race with the device's background completion (the next
+    # block may be ready before we look at the status), so they use read_data/write_data, which
+    # by contract move at most the rest of the current block, and mirror what QEMU's word loop
+    # records when nothing moves.
+
     def insw_paired(self, nwords: int) -> list[int]:
-        words: list[int] = []
-        ch = self.channel
-        for _ in range(nwords):
-            words.append(ch.ioport_read(0, 2))
-            st = ch.ctrl_read()
-            if st & 0x80 or not st & 0x08:
-                break
-        return words
+        if nwords <= 0:
+            return []
+        data = bytes(self.channel.read_data(2 * nwords))
+        if data:
+            return [data[i] | data[i + 1] << 8 for i in range(0, len(data) - 1, 2)]
+        st = self.channel.ctrl_read()
+        if st & 0x08 and not st & 0x80:  # a data-out or DMA phase: each read returns 0
+            return [0] * nwords
+        return [0]  # no DRQ: one read returns 0 and the loop stops
 
     def outsw_paired(self, words: Sequence[int]) -> int:
-        ch = self.channel
-        done = 0
-        for w in words:
-            ch.ioport_write(0, w, 2)
-            done += 1
-            st = ch.ctrl_read()
-            if st & 0x80 or not st & 0x08:
-                break
-        return done
+        if not words:
+            return 0
+        data = b"".join((w & 0xFFFF).to_bytes(2, "little") for w in words)
+        moved = self.channel.write_data(data)
+        n = len(data) if moved is None else int(moved)
+        if n:
+            return n // 2
+        st = self.channel.ctrl_read()
+        if st & 0x08 and not st & 0x80:  # a data-in or DMA phase: every write is ignored
+            return len(words)
+        return 1
 
     def start(self) -> None:
         self.channel.start()

@@ -303,7 +303,7 @@ class IdeTraffic(RuleBasedStateMachine):
             self.ch.bmdma_write(off, value & ((1 << (8 * size)) - 1), size)
 
     @rule(
-        addr=st.integers(0, (1 << 20) - 16), entries=st.lists(st.integers(0, 2**32 - 1), max_size=4)
+        addr=st.integers(0, (1 << 20) - 64), entries=st.lists(st.integers(0, 2**32 - 1), max_size=4)
     )
     def prd_table(self, addr: int, entries: list[int]) -> None:
         addr &= ~7
