@@ -351,3 +351,55 @@ def test_random_port_traffic() -> None:
         suppress_health_check=[HealthCheck.too_slow],
     )(IdeTraffic).TestCase
     run().runTest()
+
+
+# ---------------------------------------------------------------------- no device needed
+
+
+class StuckChannel:
+    """A channel whose device never leaves BSY (or, with ``status``, shows a fixed status)."""
+
+    def __init__(self, status: int = 0xD0) -> None:
+        self.status = status
+        self.irq = False
+
+    def ioport_read(self, offset: int, size: int = 1) -> int:
+        return self.status if offset == 7 else 0
+
+    def ioport_write(self, offset: int, value: int, size: int = 1) -> None:
+        pass
+
+    def ctrl_read(self) -> int:
+        return self.status
+
+    def ctrl_write(self, value: int) -> None:
+        pass
+
+    def read_data(self, nbytes: int) -> bytes:
+        return b""
+
+    def write_data(self, data: bytes) -> int:
+        return 0
+
+    def wait_irq(self, timeout: float) -> bool:
+        time.sleep(timeout)
+        return False
+
+
+def test_driver_times_out_instead_of_hanging() -> None:
+    drv = AtaDriver(StuckChannel(), timeout=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        drv.probe()
+    assert time.monotonic() - t0 < 2
+
+
+def test_driver_reports_an_absent_device() -> None:
+    with pytest.raises(AtaError) as e:
+        AtaDriver(StuckChannel(status=0x00), timeout=0.2).probe()
+    assert e.value.status == 0 and "no device" in str(e.value)
+
+
+def test_driver_dma_needs_a_bus_master() -> None:
+    with pytest.raises(ValueError):
+        AtaDriver(StuckChannel(), dma=True)
