@@ -130,6 +130,13 @@ def require_blockemu() -> None:
 # ---------------------------------------------------------------------- hand-written scenarios
 
 
+def test_known_divergences_are_named() -> None:
+    """Every step that tolerates a difference names an entry of KNOWN_DIVERGENCES."""
+    for name, (disk, build) in SCENARIOS.items():
+        for step in build(SIZES[disk]):
+            assert not step.allow or step.allow in KNOWN_DIVERGENCES, (name, step)
+
+
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_scenario(name: str, base_images: dict[str, Path], pair_factory: Any) -> None:
     disk, build = SCENARIOS[name]
