@@ -118,6 +118,7 @@ def test_read_write_every_mode(kind: str, path: str, target_on: Any) -> None:
             data = rng.randbytes(count * 512)
             drv.write(lba, data, mode)
             assert drv.read(lba, count, mode) == data, (mode, lba, count)
+            drv.flush()
             assert file_sectors(image, lba, count) == data, (mode, lba, count)
     # Large requests are split into commands (LBA28: 256 sectors each; auto picks LBA28).
     data = rng.randbytes(300 * 512)
@@ -139,6 +140,7 @@ def test_big_disk_addressing(kind: str, dma: bool, target_on: Any) -> None:
         data = rng.randbytes(count * 512)
         drv.write(lba, data)  # auto: LBA48 across 2^28
         assert drv.read(lba, count, "lba48") == data
+        drv.flush()
         assert file_sectors(image, lba, count) == data
     assert drv.read_native_max(ext=True) == n - 1
     assert drv.read_native_max() == 0x0FFFFFFF
