@@ -528,7 +528,9 @@ class AtaDriver:
         if mode == "auto":
             if not info["lba"]:
                 return "chs"
-            if lba + count <= LBA28_LIMIT - 1 and count <= 256:
+            # Like Linux libata: LBA28 only while the request ends below 2^28 - 1 (the last
+            # LBA28 address is never touched) and fits one 256-sector command.
+            if lba + count < LBA28_LIMIT - 1 and count <= 256:
                 return "lba28"
             if info["lba48"]:
                 return "lba48"
