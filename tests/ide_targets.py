@@ -307,10 +307,17 @@ class BlockemuIde:
 
     name = "blockemu"
 
-    def __init__(self, image: Path, memory_size: int = QEMU_MEMORY, **disk_kwargs: Any) -> None:
+    def __init__(
+        self,
+        image: Path,
+        memory_size: int = QEMU_MEMORY,
+        *,
+        readonly: bool = False,
+        **disk_kwargs: Any,
+    ) -> None:
         be: Any = blockemu
         self.image = image
-        self.node = blockemu.open_image(image, format="raw")
+        self.node = blockemu.open_image(image, format="raw", readonly=readonly)
         self.memory = blockemu.GuestMemory(memory_size)
         self.disk = be.IdeDisk(self.node, **disk_kwargs)
         self.channel = be.IdeChannel(self.disk, memory=self.memory)

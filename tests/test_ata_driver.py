@@ -405,3 +405,39 @@ def test_driver_reports_an_absent_device() -> None:
 def test_driver_dma_needs_a_bus_master() -> None:
     with pytest.raises(ValueError):
         AtaDriver(StuckChannel(), dma=True)
+
+
+# ---------------------------------------------------------------------- blockemu only
+
+
+def test_flush_reaches_the_backend(tmp_path: Path) -> None:
+    """ide.md scenario 25: FLUSH CACHE (EXT) is one backend flush."""
+    if not blockemu_has_ide():
+        pytest.skip("blockemu.IdeChannel not built yet")
+    image = make_image(tmp_path / "disk.img", SIZES["A"] * 512)
+    with BlockemuIde(image) as t:
+        drv = AtaDriver(t)
+        drv.probe()
+        drv.write(8, bytes(range(256)) * 16)
+        before = t.node.stats()["flushes"]
+        drv.flush()
+        assert t.node.stats()["flushes"] == before + 1
+
+
+def test_write_to_a_readonly_medium(tmp_path: Path) -> None:
+    """ide.md §11 (library-defined): the data phase completes, then ABRT; the medium is unchanged.
+    WRITE DMA aborts with the bus master's INTERRUPT bit set."""
+    if not blockemu_has_ide():
+        pytest.skip("blockemu.IdeChannel not built yet")
+    image = make_image(tmp_path / "disk.img", SIZES["A"] * 512)
+    with BlockemuIde(image, readonly=True) as t:
+        drv = AtaDriver(t)
+        drv.probe()
+        with pytest.raises(AtaError) as e:
+            drv.write(3, b"\xaa" * 512)
+        assert (e.value.status, e.value.error) == (0x41, 0x04)
+        with pytest.raises(AtaError) as e:
+            drv.write(3, b"\xaa" * 512, dma=True)
+        assert (e.value.status, e.value.error) == (0x41, 0x04)
+        assert e.value.bm_status is not None and e.value.bm_status & 0x04
+    assert file_sectors(image, 3, 1) == bytes(512)
