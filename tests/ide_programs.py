@@ -142,6 +142,10 @@ def words_of(data: bytes) -> list[int]:
 # ---------------------------------------------------------------------- executor
 
 
+class StepError(RuntimeError):
+    """A target failed (for QEMU: died) while running a step."""
+
+
 class Executor:
     def __init__(self, target: Any, settle_timeout: float = 5.0) -> None:
         self.t = target
@@ -213,8 +217,14 @@ class Executor:
 
     def run(self, program: list[Step]) -> list[tuple[Any, bool]]:
         record: list[tuple[Any, bool]] = []
-        for s in program:
-            result = self.step(s)
+        for i, s in enumerate(program):
+            try:
+                result = self.step(s)
+            except Exception as e:
+                recent = "; ".join(repr(p) for p in program[max(0, i - 30) : i])
+                raise StepError(
+                    f"{self.t.name} failed at step {i} {s!r}: {e} (after: {recent})"
+                ) from e
             record.append((result, bool(self.t.irq)))
         return record
 
@@ -251,6 +261,8 @@ COMMON_OPCODES = [
     0xE6, 0xE7, 0xEA, 0xEC, 0xEF, 0xF8, 0x27, 0xB0, 0xF5, 0x94, 0x98, 0x00, 0x08, 0xA0,
     0xA1, 0x2F, 0xF9,
 ]  # fmt: skip
+PIO_IN_OPCODES = frozenset({0x20, 0x21, 0x24, 0x29, 0xC4, 0xEC, 0xB0})
+PIO_OUT_OPCODES = frozenset({0x30, 0x31, 0x34, 0x39, 0x3C, 0xC5})
 SET_FEATURES_SUBS = [0x02, 0x03, 0x82, 0xCC, 0x66, 0xAA, 0x55, 0x05, 0x85, 0x01, 0x77, 0x42]
 SMART_SUBS = [0xD0, 0xD1, 0xD2, 0xD4, 0xD5, 0xD8, 0xD9, 0xDA, 0x00]
 DEVICE_BYTES = [0xA0, 0xE0, 0x40, 0x00, 0xB0, 0xF0, 0xA1, 0xE1, 0xAF, 0xEF]
@@ -305,6 +317,15 @@ def random_program(seed: int, total: int, n_ops: int = 50) -> list[Step]:
             if op in (0x20, 0x21, 0x24, 0x29, 0xC4) and n == 0 and rng.random() < 0.8:
                 n = 1
             prog += taskfile(op, count=n, lba=lb, dev=dev, feat=feat, ext=ext)
+            # Often follow the command the way a driver would: drain or fill a few DRQ blocks.
+            if rng.random() < 0.6:
+                blocks = rng.choice([1, 1, 2, 3])
+                if op in PIO_IN_OPCODES:
+                    prog += [D16(256 * rng.choice([1, 4, 16]) + 1) for _ in range(blocks)]
+                elif op in PIO_OUT_OPCODES:
+                    for _ in range(blocks):
+                        words = 256 * rng.choice([1, 4, 16])
+                        prog.append(D16w([rng.randrange(65536) for _ in range(words)]))
         elif c < 0.40:
             prog.append(W(rng.randrange(1, 7), rng.randrange(256)))
         elif c < 0.52:

@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 
-from ide_programs import Executor, check_expectations, first_difference, random_program
+from ide_programs import (
+    Executor,
+    StepError,
+    check_expectations,
+    first_difference,
+    random_program,
+)
 from ide_scenarios import MARKED, SCENARIOS, SIZES, pattern_sector
 from ide_targets import BlockemuIde, QemuIde, blockemu_has_ide, copy_image, make_image
 
@@ -29,7 +35,27 @@ KNOWN_DIVERGENCES: dict[str, str] = {
         "blockemu must not crash (ABRT recommended). Random programs never send it; "
         "test_qemu_crashes_on_specify_zero pins QEMU's behaviour."
     ),
+    "qemu-ide-dma-cb-assert": (
+        "QEMU 7.2 sometimes aborts in ide_dma_cb (assertion n * 512 == sg.size, hw/ide/core.c) "
+        "while random programs run bus-master DMA with PRD tables whose byte counts are not "
+        "whole sectors (odd/short entries; cf. QEMU GitLab issue 2777 and ide.md §9 #7: never "
+        "assert on guest-controlled sizes). Seen about once in ten runs of the 200 random "
+        "programs, timing dependent. blockemu must run the same program without an exception; "
+        "the random test then restarts both targets on fresh images."
+    ),
 }
+
+# QEMU deaths that are QEMU bugs: (KNOWN_DIVERGENCES key, text QEMU prints when it dies).
+KNOWN_QEMU_CRASHES = [
+    ("qemu-ide-dma-cb-assert", "ide_dma_cb: Assertion `n * 512 == s->sg.size' failed"),
+]
+
+
+def known_qemu_crash(message: str) -> str | None:
+    for key, text in KNOWN_QEMU_CRASHES:
+        if "QEMU exited" in message and text in message:
+            return key
+    return None
 
 
 # ---------------------------------------------------------------------- images
@@ -173,8 +199,20 @@ def test_random_programs(
     bexe = Executor(pair.blockemu) if pair.blockemu is not None else None
     for seed in seeds:
         program = random_program(seed + (0 if disk == "F1" else 100_000), total)
-        qrec = qexe.run(program)
-        assert pair.qemu.proc.poll() is None, f"QEMU died on seed {seed}"
+        try:
+            qrec = qexe.run(program)
+        except StepError as e:
+            known = known_qemu_crash(str(e))
+            if known is None:
+                raise AssertionError(f"seed {seed}: {e}") from e
+            # A known QEMU crash: blockemu must survive the same program; then both start
+            # over on fresh copies (the images diverged when QEMU died).
+            if bexe is not None:
+                bexe.run(program)
+            pair = pair_factory(base_images[disk])
+            qexe = Executor(pair.qemu)
+            bexe = Executor(pair.blockemu) if pair.blockemu is not None else None
+            continue
         # Self-consistency: after the closing SRST QEMU is at 0x50 with the ATA signature.
         assert [r for r, _ in qrec[-7:]] == [0x50, 0x01, 1, 1, 0, 0, qrec[-1][0]], (
             f"seed {seed}: {qrec[-7:]}"
