@@ -281,5 +281,8 @@ fn impossible_memory_disk_is_an_error_not_an_abort() {
     let err = memory_node(1 << 62, false, |b| b).unwrap_err();
     assert_eq!(err.os_code(), Some(libc::ENOMEM));
     assert!(blockemu_core::block::zeroed_buffer(1 << 62).is_err());
-    assert_eq!(blockemu_core::block::zeroed_buffer(3).unwrap(), vec![0, 0, 0]);
+    assert_eq!(
+        blockemu_core::block::zeroed_buffer(3).unwrap(),
+        vec![0, 0, 0]
+    );
 }

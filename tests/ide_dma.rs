@@ -128,7 +128,12 @@ fn bad_prd_tables_and_stop_without_drive() {
     g.ch.bmdma_write(0, 0x00, 1).unwrap();
     // Bad offsets are calling-convention errors.
     assert!(g.ch.bmdma_read(8, 1).is_err());
-    assert!(g.ch.bmdma_write(6, 0, 4).is_err());
+    assert!(g.ch.bmdma_read(1, 3).is_err());
+    // An access running past offset 7 reaches the next channel's block: all ones, ignored.
+    g.ch.bmdma_write(4, 0x1234_5678, 4).unwrap();
+    g.ch.bmdma_write(6, 0xAAAA_0000, 4).unwrap();
+    assert_eq!(g.ch.bmdma_read(4, 4).unwrap(), 0x0000_5678);
+    assert_eq!(g.ch.bmdma_read(6, 4).unwrap(), 0xFFFF_0000);
     // Without guest memory there is no bus master.
     let plain = Guest::f1();
     assert!(plain.ch.bmdma_read(0, 1).is_err());

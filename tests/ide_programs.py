@@ -22,6 +22,7 @@ PRD_TABLE = 0x100000
 PRD_TABLE2 = 0x101000
 DMA_BUF = 0x200000
 DMA_SETTLE = 0.2  # seconds a started bus-master transfer gets to finish
+STALE_DMA_SETTLE = 0.05  # seconds a START without a fresh DMA command gets (see Executor)
 DMA_AREA = 0x80000  # bytes of DMA_BUF the programs use (hashed at the end of random programs)
 
 
@@ -154,6 +155,13 @@ class Executor:
 
     def settle(self) -> None:
         t = self.t
+        # ide.md §11 settle(): run all pending asynchronous completions. QEMU runs them
+        # between qtest commands; blockemu's worker-pool completions are waited for, including
+        # ones that show neither BSY nor DRQ (a bus-master transfer of a command that a reset
+        # left registered, restarted by START).
+        drain = getattr(t, "drain", None)
+        if drain is not None:
+            drain()
         deadline = time.monotonic() + self.settle_timeout
         dma_deadline = time.monotonic() + DMA_SETTLE
         while True:
@@ -176,6 +184,24 @@ class Executor:
                 continue
             return
 
+    def settle_started_dma(self) -> None:
+        """START may run a DMA command that a reset left registered (QEMU keeps its DMA
+        callback): the transfer then shows neither BSY nor DRQ, only the bus master's ACTIVE
+        bit until it ends (or an IRQ). Give it STALE_DMA_SETTLE to finish."""
+        t = self.t
+        st = t.ctrl_read()
+        if st & 0x80 or (st & 0x08 and t.last_command in DMA_OPCODES):
+            return  # a fresh DMA command (or BSY): settle() waits for it
+        events = getattr(t, "irq_events", None)
+        if events is None:
+            return  # blockemu: settle() drains its completions
+        seen = len(events)
+        deadline = time.monotonic() + STALE_DMA_SETTLE
+        while time.monotonic() < deadline:
+            if not t.bmdma_read(2) & 0x01 or True in events[seen:]:
+                return
+            t.ctrl_read()  # lets QEMU's main loop run; IRQ events arrive with the reply
+
     def step(self, s: Step) -> Any:
         t = self.t
         op, a = s.op, s.args
@@ -197,9 +223,12 @@ class Executor:
         elif op == "out_data":
             t.ioport_write(0, a[1], a[0])
         elif op == "bmw":
+            was_started = self.bm_started
             t.bmdma_write(a[0], a[1], a[2])
             if a[0] == 0 and a[2] in (1, 2, 4):
                 self.bm_started = bool(a[1] & 1)
+            if a[0] == 0 and a[2] == 1 and a[1] & 1 and not was_started:
+                self.settle_started_dma()
         elif op == "bmr":
             result = t.bmdma_read(a[0], a[1])
         elif op == "memw":

@@ -1120,3 +1120,53 @@ def b09_hob_and_device(n: int) -> list[Step]:
         R(6, 0xA0),
         R(1, 0x00),
     ]
+
+
+def trim_entry(lba: int, count: int) -> bytes:
+    return (lba | count << 48).to_bytes(8, "little")
+
+
+@scenario("F1")
+def s31_trim(n: int) -> list[Step]:
+    """DATA SET MANAGEMENT TRIM over the bus master: QEMU's default drive (discard=ignore)
+    completes it without touching the data; ranges past the end abort."""
+    buf = DMA_BUF
+    return [
+        *bm_reset(),
+        MEMW(buf, trim_entry(5, 2) + trim_entry(0, 0) + trim_entry(100, 1) + bytes(488)),
+        MEMW(PRD_TABLE, prd_table([(buf, 512, True)])),
+        BMW(4, PRD_TABLE, 4),
+        *taskfile(0x06, count=1, lba=0x1234, feat=1),
+        R(7, 0x58),
+        BMW(0, 0x01),
+        BMR(2, 1, 0x04),
+        IRQ(True),
+        R(7, 0x50),
+        R(2),
+        R(3),
+        R(4),
+        BMW(0, 0x00),
+        # A range past the end: ABRT, INTERRUPT, ACTIVE clear.
+        *bm_reset(),
+        MEMW(buf, trim_entry(n - 1, 2) + bytes(504)),
+        *taskfile(0x06, count=1, lba=7, feat=1, dev=0xA0),
+        BMW(0, 0x01),
+        BMR(2, 1, 0x04),
+        IRQ(True),
+        R(7, 0x41),
+        R(1, 0x04),
+        BMW(0, 0x00),
+        # Count 0 completes at once; Features other than TRIM abort.
+        *bm_reset(),
+        *taskfile(0x06, count=0, lba=7, feat=1),
+        BMW(0, 0x01),
+        BMR(2),
+        R(7, 0x50),
+        BMW(0, 0x00),
+        *taskfile(0x06, count=1, lba=7, feat=0),
+        R(7, 0x41),
+        R(1, 0x04),
+        # The data is unchanged.
+        *taskfile(0x20, count=1, lba=5),
+        D16(256, words_of(pattern_sector(5))),
+    ]

@@ -249,7 +249,10 @@ class QemuIde:
     def outsw_paired(self, words: Sequence[int]) -> int:
         """Writes data words until the DRQ block ends; returns how many were sent."""
         done = 0
-        per_batch = BATCH_BYTES // 24
+        # Each word costs up to 28 bytes ("outw 0x1f0 0xffff\ninb 0x3f6\n"): a larger batch
+        # spans two qtest reads, and a write completing in between lets the batch's
+        # remaining words land in the next DRQ block.
+        per_batch = BATCH_BYTES // 28
         while done < len(words):
             chunk = words[done : done + per_batch]
             lines: list[str] = []
@@ -392,6 +395,10 @@ class BlockemuIde:
 
     def start(self) -> None:
         self.channel.start()
+
+    def drain(self) -> None:
+        """Waits for in-flight backend work and its completions (the channel stays usable)."""
+        self.channel.stop()
 
     def close(self) -> None:
         if self.closed:

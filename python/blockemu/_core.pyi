@@ -216,7 +216,10 @@ def lba_to_chs(geometry: Geometry, lba: int) -> tuple[int, int, int]: ...
 
 @final
 class IdeDisk:
-    """An IDE hard disk (QEMU ``ide-hd``) over a block node. Creating it reads nothing."""
+    """An IDE hard disk (QEMU ``ide-hd``) over a block node. Creating it reads nothing.
+
+    ``discard`` is QEMU's drive option: ``"ignore"`` (default) completes DATA SET MANAGEMENT
+    TRIM without touching the data, ``"unmap"`` discards the ranges on the node."""
 
     def __new__(
         cls,
@@ -229,6 +232,7 @@ class IdeDisk:
         serial: str | None = None,
         model: str | None = None,
         write_cache: bool = True,
+        discard: Literal["ignore", "unmap", "off", "on"] = "ignore",
     ) -> IdeDisk: ...
     @property
     def geometry(self) -> Geometry | None: ...

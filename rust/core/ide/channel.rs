@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use super::addressing::{self, ChsShape};
 use super::commands::{self, CommandInfo};
+use super::disk::DiscardMode;
 use super::disk::{IdeDisk, DEFAULT_FIRMWARE, DEFAULT_MODEL};
-use super::dma::{self, BusMaster, BM_CMD_START, BM_STATUS_ACTIVE, BM_STATUS_INTERRUPT};
+use super::dma::{self, BusMaster, DmaKind, BM_CMD_START, BM_STATUS_ACTIVE, BM_STATUS_INTERRUPT};
 use super::identify::MAX_MULT_SECTORS;
 use super::pio::{EndOfBlock, Lookup, PioTransfer, ReadAhead};
 use super::regs::*;
@@ -55,6 +56,8 @@ pub struct Drive {
     pub smart_enabled: bool,
     pub smart_autosave: bool,
     pub smart_selftests: u8,
+    /// The self-test log entries (24 bytes each from offset 2, as READ LOG 6 returns them).
+    pub smart_selftest_log: Vec<u8>,
     /// A command that waits for the geometry prefetch (status BSY meanwhile).
     pub pending: Option<CommandInfo>,
     /// Bumped by every accepted command and reset: completions of older ones are dropped.
@@ -88,6 +91,7 @@ impl Drive {
             smart_enabled: true,
             smart_autosave: true,
             smart_selftests: 0,
+            smart_selftest_log: vec![0; 512],
             pending: None,
             seq: 0,
             serial,
@@ -139,8 +143,11 @@ pub(crate) enum Action {
         lba: u64,
         sectors: u64,
         prd: dma::PrdList,
-        to_disk: bool,
+        kind: DmaKind,
         flush: bool,
+        /// TRIM: capacity for the per-range check, and whether ranges are discarded.
+        total: u64,
+        unmap: bool,
     },
     Reset,
 }
@@ -570,13 +577,13 @@ impl ChannelState {
 
     // ---- DMA --------------------------------------------------------------------------
 
-    pub(crate) fn dma_command(&mut self, unit: usize, to_disk: bool, out: &mut Vec<Action>) {
+    pub(crate) fn dma_command(&mut self, unit: usize, kind: DmaKind, out: &mut Vec<Action>) {
         self.drives[unit].tf.status = DRDY | DSC | DRQ;
         let Some(bm) = &mut self.bm else {
             // No bus master: like QEMU's ISA IDE, the command waits forever (until reset).
             return;
         };
-        bm.pending = Some((unit, to_disk));
+        bm.pending = Some((unit, kind));
         if bm.status & BM_STATUS_ACTIVE != 0 {
             self.dma_start(out);
         }
@@ -586,16 +593,22 @@ impl ChannelState {
         self.abort(unit);
         if let Some(bm) = &mut self.bm {
             bm.status &= !BM_STATUS_ACTIVE;
+            bm.pending = None;
         }
         self.set_irq();
     }
 
     fn dma_start(&mut self, out: &mut Vec<Action>) {
         let Some(bm) = &mut self.bm else { return };
-        let Some((unit, to_disk)) = bm.pending.take() else {
+        // The command stays registered until its transfer ends (QEMU's DMA callback): a
+        // command cut short by SRST before START runs when START comes after all.
+        let Some((unit, kind)) = bm.pending else {
             return;
         };
-        let table = bm.addr;
+        if bm.busy {
+            return;
+        }
+        let (table, cur) = (bm.addr, bm.cur_addr);
         let Some(MemoryRef(memory)) = self.memory_hint.clone() else {
             return;
         };
@@ -603,17 +616,34 @@ impl ChannelState {
         let d = &mut self.drives[unit];
         let lba = addressing::get_sector(&d.tf, chs);
         let count = u64::from(d.tf.nsector);
-        let mut prd = dma::walk_prd(&memory, table, count * SECTOR_SIZE);
-        let sectors = prd.bytes / SECTOR_SIZE;
-        if sectors == 0 {
-            // PRDs too short: ACTIVE cleared, no interrupt, no error.
+        if count == 0 {
+            // Nothing to do (TRIM with count 0, or a registered command that a reset left
+            // behind and that finished already): complete at once.
             d.tf.status = DRDY | DSC;
             if let Some(bm) = &mut self.bm {
                 bm.status &= !BM_STATUS_ACTIVE;
+                bm.pending = None;
+            }
+            self.set_irq();
+            return;
+        }
+        let (mut prd, next) = dma::walk_prd_from(&memory, table, cur, count * SECTOR_SIZE);
+        if let Some(bm) = &mut self.bm {
+            bm.cur_addr = next;
+        }
+        let d = &mut self.drives[unit];
+        let sectors = prd.bytes / SECTOR_SIZE;
+        if prd.bytes < count * SECTOR_SIZE {
+            // PRDs shorter than the request: nothing moves, ACTIVE cleared, no interrupt,
+            // no error.
+            d.tf.status = DRDY | DSC;
+            if let Some(bm) = &mut self.bm {
+                bm.status &= !BM_STATUS_ACTIVE;
+                bm.pending = None;
             }
             return;
         }
-        if !addressing::range_ok(lba, count, d.total_sectors()) {
+        if kind != DmaKind::Trim && !addressing::range_ok(lba, count, d.total_sectors()) {
             self.dma_error(unit);
             return;
         }
@@ -627,8 +657,13 @@ impl ChannelState {
             lba: lba as u64,
             sectors,
             prd,
-            to_disk,
-            flush: to_disk && !d.write_cache,
+            kind,
+            flush: kind == DmaKind::Write && !d.write_cache,
+            total: d.total_sectors(),
+            unmap: d
+                .disk
+                .as_ref()
+                .is_some_and(|k| k.config().discard == DiscardMode::Unmap),
         });
     }
 
@@ -638,6 +673,7 @@ impl ChannelState {
         }
         if let Some(bm) = &mut self.bm {
             bm.busy = false;
+            bm.pending = None;
         }
         if res.is_err() {
             self.dma_error(unit);
@@ -645,8 +681,9 @@ impl ChannelState {
         }
         let chs = self.chs_shape(unit);
         let d = &mut self.drives[unit];
-        let lba = addressing::get_sector(&d.tf, chs).max(0) as u64;
-        addressing::set_sector(&mut d.tf, chs, lba + sectors);
+        // TRIM is not range checked: CHS sector 0 (-1) advances like any other address.
+        let next = addressing::get_sector(&d.tf, chs) + sectors as i64;
+        addressing::set_sector(&mut d.tf, chs, next.max(0) as u64);
         d.tf.nsector -= sectors as u32;
         d.tf.status = DRDY | DSC;
         let done = d.tf.nsector == 0;
@@ -668,7 +705,12 @@ impl ChannelState {
             if val & BM_CMD_START == 0 {
                 // QEMU drains an in-flight transfer here; ours completes on its own.
                 bm.status &= !BM_STATUS_ACTIVE;
-            } else if bm.status & BM_STATUS_ACTIVE == 0 {
+            } else {
+                bm.cur_addr = bm.addr;
+                if bm.status & BM_STATUS_ACTIVE != 0 {
+                    bm.cmd = val & 0x09;
+                    return;
+                }
                 bm.status |= BM_STATUS_ACTIVE;
                 bm.cmd = val & 0x09;
                 self.dma_start(out);
@@ -691,7 +733,9 @@ impl ChannelState {
         let present = d.present;
         d.tf.reset(present);
         d.mult_sectors = MAX_MULT_SECTORS;
+        // "Revert to power-on defaults" applies to the next reset only (QEMU clears it).
         if d.reset_reverts {
+            d.reset_reverts = false;
             d.chs_override = None;
         }
         self.diagnostic(unit);
@@ -712,7 +756,11 @@ impl ChannelState {
         self.srst_drive(0);
         self.srst_drive(1);
         if let Some(bm) = &mut self.bm {
-            bm.pending = None;
+            // An in-flight transfer is over (QEMU drains it, which unregisters it); a
+            // command still waiting for START stays registered.
+            if bm.busy {
+                bm.pending = None;
+            }
             bm.busy = false;
         }
         self.ctrl &= !CTRL_SRST;
@@ -750,6 +798,7 @@ impl ChannelState {
         match reg {
             REG_STATUS => {
                 let v = if none || absent_selected {
+                    self.finish_unseen_reset();
                     0
                 } else {
                     d.tf.status
@@ -763,8 +812,19 @@ impl ChannelState {
         }
     }
 
-    fn alt_status(&self) -> u8 {
+    /// A pending soft reset whose BSY the guest cannot see (the selected unit is absent, so
+    /// Status reads 0, "not busy"): from the guest's view it is over, so it completes now
+    /// (QEMU completes it in a bottom half before the guest's next access).
+    fn finish_unseen_reset(&mut self) {
+        if self.reset_due.is_some() {
+            self.reset_due = None;
+            self.reset_done();
+        }
+    }
+
+    fn alt_status(&mut self) -> u8 {
         if !self.any_present() || (self.unit == 1 && !self.drives[1].present) {
+            self.finish_unseen_reset();
             0
         } else {
             self.drives[self.unit].tf.status
@@ -836,16 +896,48 @@ fn read_chunk(node: &BlockNode, lba: u64, sectors: u64, block: u64) -> Result<Re
     })
 }
 
+/// DATA SET MANAGEMENT TRIM: the range list, PRD segment by PRD segment (whole 8-byte
+/// entries of each segment), range checked entry by entry; the first bad range fails the
+/// command (ranges before it were already handled).
+fn trim(
+    node: &BlockNode,
+    memory: &GuestMemory,
+    prd: &dma::PrdList,
+    total: u64,
+    unmap: bool,
+) -> Result<()> {
+    for &(addr, len) in &prd.segments {
+        let mut buf = vec![0u8; len];
+        memory.read(addr, &mut buf)?;
+        for chunk in buf.chunks_exact(8) {
+            let entry = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+            let (lba, count) = dma::trim_entry(entry);
+            if count == 0 {
+                continue;
+            }
+            if !addressing::range_ok(lba as i64, count, total) {
+                return Err(Error::invalid(format!(
+                    "TRIM range {lba}+{count} beyond {total} sectors"
+                )));
+            }
+            if unmap {
+                node.discard(lba * SECTOR_SIZE, count * SECTOR_SIZE)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn dma_transfer(
     node: &BlockNode,
     memory: &GuestMemory,
     lba: u64,
     prd: &dma::PrdList,
-    to_disk: bool,
+    kind: DmaKind,
     flush: bool,
 ) -> Result<()> {
     let mut buf = vec![0u8; prd.bytes as usize];
-    if to_disk {
+    if kind == DmaKind::Write {
         let mut at = 0;
         for &(addr, len) in &prd.segments {
             memory.read(addr, &mut buf[at..at + len])?;
@@ -1019,17 +1111,20 @@ impl Shared {
                     lba,
                     sectors,
                     prd,
-                    to_disk,
+                    kind,
                     flush,
+                    total,
+                    unmap,
                 } => {
                     let (Some(disk), Some(memory)) = (disk_of(unit), self.memory.clone()) else {
                         continue;
                     };
                     let node = disk.node().clone();
                     let longer = prd.longer;
-                    let job = self
-                        .pool
-                        .submit(move || dma_transfer(&node, &memory, lba, &prd, to_disk, flush));
+                    let job = self.pool.submit(move || match kind {
+                        DmaKind::Trim => trim(&node, &memory, &prd, total, unmap),
+                        _ => dma_transfer(&node, &memory, lba, &prd, kind, flush),
+                    });
                     self.attach(job, gen, move |st, res, _| {
                         st.dma_done(unit, seq, sectors, longer, res)
                     });
@@ -1234,7 +1329,10 @@ impl IdeChannel {
         self.drain(None)
     }
 
-    /// Bus-master register read (offsets 0-7, size 1, 2 or 4 within the block).
+    /// Bus-master register read (offsets 0-7, size 1, 2 or 4 within the block). As on QEMU's
+    /// PIIX, the access is split at the command/status and PRD address sub-blocks (and by
+    /// alignment); in the command/status block only byte accesses work, wider ones read all
+    /// ones.
     pub fn bmdma_read(&self, offset: u8, size: u8) -> Result<u32> {
         check_bm(offset, size)?;
         let st = lock(&self.shared.state);
@@ -1244,13 +1342,28 @@ impl IdeChannel {
             ));
         };
         let mut v = 0u32;
-        for i in 0..size {
-            v |= u32::from(bm.read_byte(offset + i)) << (8 * i);
+        for (off, len) in bm_pieces(offset, size) {
+            let mask = if len >= 4 {
+                u32::MAX
+            } else {
+                (1u32 << (8 * len)) - 1
+            };
+            let piece = if off >= 8 {
+                mask
+            } else if off >= 4 {
+                (bm.addr >> (8 * u32::from(off - 4))) & mask
+            } else if len == 1 {
+                u32::from(bm.read_byte(off))
+            } else {
+                mask
+            };
+            v |= piece << (8 * (off - offset));
         }
         Ok(v)
     }
 
-    /// Bus-master register write.
+    /// Bus-master register write, split like a read; wider-than-byte writes to the
+    /// command/status block are ignored.
     pub fn bmdma_write(&self, offset: u8, value: u32, size: u8) -> Result<()> {
         check_bm(offset, size)?;
         if !self.has_bus_master() {
@@ -1259,18 +1372,25 @@ impl IdeChannel {
             ));
         }
         self.shared.with_state(|st, out| {
-            for i in 0..size {
-                let byte = (value >> (8 * i)) as u8;
-                match offset + i {
-                    0 => st.bm_command(byte, out),
+            for (off, len) in bm_pieces(offset, size) {
+                let piece = value >> (8 * (off - offset));
+                if off >= 8 {
+                    continue;
+                }
+                if off >= 4 {
+                    if let Some(bm) = &mut st.bm {
+                        bm.write_addr(off - 4, len, piece);
+                    }
+                    continue;
+                }
+                if len != 1 {
+                    continue;
+                }
+                match off {
+                    0 => st.bm_command(piece as u8, out),
                     2 => {
                         if let Some(bm) = &mut st.bm {
-                            bm.write_status(byte);
-                        }
-                    }
-                    o @ 4..=7 => {
-                        if let Some(bm) = &mut st.bm {
-                            bm.write_addr_byte(o, byte);
+                            bm.write_status(piece as u8);
                         }
                     }
                     _ => {}
@@ -1281,8 +1401,44 @@ impl IdeChannel {
     }
 }
 
+/// How an I/O access to the bus-master block reaches its two 4-byte sub-blocks: cut at the
+/// sub-block boundary, then into naturally aligned power-of-two pieces.
+fn bm_pieces(offset: u8, size: u8) -> Vec<(u8, u8)> {
+    let mut out = Vec::new();
+    let (mut off, mut left) = (offset, size);
+    while left > 0 {
+        let end = if off < 4 {
+            4
+        } else if off < 8 {
+            8
+        } else {
+            // Past this channel's block: one piece the callers leave alone.
+            out.push((off, left));
+            break;
+        };
+        let mut len = left.min(end - off);
+        let rel = off % 4;
+        if rel != 0 {
+            len = len.min(1 << rel.trailing_zeros());
+        }
+        len = if len >= 4 {
+            4
+        } else if len >= 2 {
+            2
+        } else {
+            1
+        };
+        out.push((off, len));
+        off += len;
+        left -= len;
+    }
+    out
+}
+
+/// Offsets 0-7, sizes 1, 2 or 4; bytes of an access beyond offset 7 belong to the next
+/// channel's block (they read as all ones here, writes to them are dropped).
 fn check_bm(offset: u8, size: u8) -> Result<()> {
-    if matches!(size, 1 | 2 | 4) && u32::from(offset) + u32::from(size) <= 8 {
+    if matches!(size, 1 | 2 | 4) && offset < 8 {
         Ok(())
     } else {
         Err(bad_access("bus master", offset, size))

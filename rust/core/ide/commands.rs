@@ -3,6 +3,7 @@
 
 use super::addressing::{self, ChsShape};
 use super::channel::{Action, ChannelState};
+use super::dma::DmaKind;
 use super::identify::{self, IdentifyInput, MAX_MULT_SECTORS};
 use super::pio::EndOfBlock;
 use super::regs::*;
@@ -34,12 +35,14 @@ pub enum Command {
     Identify,
     SetFeatures,
     SecurityFreeze,
+    DataSetManagement,
 }
 
 /// The disk's entry for `opcode`, if it has one.
 pub fn lookup(opcode: u8) -> Option<CommandInfo> {
     use Command::*;
     let (cmd, set_dsc) = match opcode {
+        0x06 => (DataSetManagement, false),
         0x10 | 0x70 => (Nop, true),
         0x20 | 0x21 => (ReadPio { ext: false }, false),
         0x24 => (ReadPio { ext: true }, false),
@@ -85,11 +88,39 @@ impl Command {
             | WriteMultiple { .. }
             | ReadDma { .. }
             | WriteDma { .. }
-            | NativeMax { .. } => addressing::needs_chs(tf),
+            | NativeMax { .. }
+            | DataSetManagement => addressing::needs_chs(tf),
             _ => false,
         }
     }
 }
+
+/// The SMART attribute table QEMU 7.2 reports (observed through READ DATA / READ
+/// THRESHOLDS): id, flags (2 bytes), current, worst, raw value (6 bytes), reserved, and the
+/// threshold in the last byte.
+const SMART_ATTRIBUTES: [[u8; 12]; 7] = [
+    [
+        0x01, 0x03, 0x00, 0x64, 0x64, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x06,
+    ],
+    [
+        0x03, 0x03, 0x00, 0x64, 0x64, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ],
+    [
+        0x04, 0x02, 0x00, 0x64, 0x64, 0x64, 0x00, 0x00, 0x00, 0x00, 0x00, 0x14,
+    ],
+    [
+        0x05, 0x03, 0x00, 0x64, 0x64, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x24,
+    ],
+    [
+        0x09, 0x03, 0x00, 0x64, 0x64, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ],
+    [
+        0x0C, 0x03, 0x00, 0x64, 0x64, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    ],
+    [
+        0xBE, 0x03, 0x00, 0x45, 0x45, 0x1F, 0x00, 0x1F, 0x1F, 0x00, 0x00, 0x32,
+    ],
+];
 
 /// SET FEATURES sub-commands accepted without effect (look-ahead, APM, AAM, ...).
 const FEATURE_NOOPS: [u8; 10] = [0xAA, 0x55, 0x05, 0x85, 0x69, 0x67, 0x96, 0x9A, 0x42, 0xC2];
@@ -148,7 +179,22 @@ impl ChannelState {
             }
             ReadDma { ext } | WriteDma { ext } => {
                 self.drives[unit].tf.expand_count(ext);
-                self.dma_command(unit, matches!(cmd, WriteDma { .. }), out);
+                let kind = if matches!(cmd, WriteDma { .. }) {
+                    DmaKind::Write
+                } else {
+                    DmaKind::Read
+                };
+                self.dma_command(unit, kind, out);
+                false
+            }
+            DataSetManagement => {
+                // Only TRIM; the range list comes by DMA. The count register is used as
+                // written (no LBA48 expansion, no range check of the registers).
+                if self.drives[unit].tf.feature != 0x01 {
+                    self.abort(unit);
+                    return true;
+                }
+                self.dma_command(unit, DmaKind::Trim, out);
                 false
             }
             Verify { ext } => {
@@ -216,10 +262,11 @@ impl ChannelState {
         }
     }
 
-    /// EXECUTE DEVICE DIAGNOSTIC on a disk: DEV cleared, signature, 0x50, Error 0x01.
+    /// EXECUTE DEVICE DIAGNOSTIC on a disk: Device := 0xA0 (DEV, LBA and head cleared),
+    /// signature, 0x50, Error 0x01.
     pub(crate) fn diagnostic(&mut self, unit: usize) {
         let d = &mut self.drives[unit];
-        d.tf.select &= !DEV_SELECT;
+        d.tf.select = 0xA0;
         let present = d.present;
         d.tf.set_signature(present);
         d.tf.status = DRDY | DSC;
@@ -241,10 +288,16 @@ impl ChannelState {
             };
             let total = d.total_sectors();
             let (model, firmware) = d.strings();
-            d.identify = identify::build(&IdentifyInput {
-                cyls: geo.cyls,
+            // Built from the current logical geometry: heads and sectors set by INITIALIZE
+            // DEVICE PARAMETERS before the first IDENTIFY show in words 3-6 and 54-58.
+            let shape = d.chs_override.unwrap_or(ChsShape {
                 heads: geo.heads,
                 secs: geo.secs,
+            });
+            d.identify = identify::build(&IdentifyInput {
+                cyls: geo.cyls,
+                heads: shape.heads,
+                secs: shape.secs,
                 total_sectors: total,
                 serial: &d.serial,
                 firmware: &firmware,
@@ -335,16 +388,47 @@ impl ChannelState {
                 d.tf.hcyl = 0xC2;
             }
             0xD0 | 0xD1 | 0xD5 => {
-                if d.tf.feature == 0xD5 && !matches!(d.tf.nsector & 0xFF, 0x01 | 0x06) {
-                    self.abort(unit);
-                    return true;
-                }
                 let mut page = vec![0u8; 512];
                 page[0] = 0x01;
-                if d.tf.feature == 0xD5 && d.tf.nsector & 0xFF == 0x06 {
-                    page[508] = d.smart_selftests;
+                match d.tf.feature {
+                    0xD0 => {
+                        for (n, attr) in SMART_ATTRIBUTES.iter().enumerate() {
+                            page[2 + n * 12..2 + n * 12 + 11].copy_from_slice(&attr[..11]);
+                        }
+                        page[362] = 0x02 | if d.smart_autosave { 0x80 } else { 0 };
+                        if d.smart_selftests != 0 {
+                            page[363] =
+                                d.smart_selftest_log[3 + (usize::from(d.smart_selftests) - 1) * 24];
+                        }
+                        page[364] = 0x20;
+                        page[365] = 0x01;
+                        page[367] = (1 << 4) | (1 << 3) | 1;
+                        page[368] = 0x03;
+                        page[370] = 0x01;
+                        page[372] = 0x02;
+                        page[373] = 0x36;
+                        page[374] = 0x01;
+                    }
+                    0xD1 => {
+                        for (n, attr) in SMART_ATTRIBUTES.iter().enumerate() {
+                            page[2 + n * 12] = attr[0];
+                            page[3 + n * 12] = attr[11];
+                        }
+                    }
+                    // READ LOG: the log address is in LBA low.
+                    _ => match d.tf.sector {
+                        0x01 => {}
+                        0x06 => {
+                            page[2..506].copy_from_slice(&d.smart_selftest_log[2..506]);
+                            page[508] = d.smart_selftests;
+                        }
+                        _ => {
+                            self.abort(unit);
+                            return true;
+                        }
+                    },
                 }
-                let sum = page.iter().fold(0u8, |a, &b| a.wrapping_add(b));
+                let sum = page[..511].iter().fold(0u8, |a, &b| a.wrapping_add(b));
                 page[511] = sum.wrapping_neg();
                 d.tf.status = DRDY | DSC;
                 self.transfer_start(unit, page, EndOfBlock::Stop);
@@ -352,9 +436,12 @@ impl ChannelState {
                 return false;
             }
             0xD4 => match d.tf.sector {
-                0..=2 => {
+                test @ 0..=2 => {
                     // The self-test log index wraps (CVE-2014-2894).
                     d.smart_selftests = d.smart_selftests % 21 + 1;
+                    let at = 2 + (usize::from(d.smart_selftests) - 1) * 24;
+                    // Test number, status "completed without error", power-on hours 0x1234.
+                    d.smart_selftest_log[at..at + 4].copy_from_slice(&[test, 0x00, 0x34, 0x12]);
                 }
                 _ => {
                     self.abort(unit);
@@ -379,7 +466,7 @@ mod tests {
         assert!(lookup(0x00).is_none());
         assert!(lookup(0x08).is_none());
         assert!(lookup(0xA1).is_none());
-        assert!(lookup(0x06).is_none());
+        assert_eq!(lookup(0x06).unwrap().cmd, Command::DataSetManagement);
         assert!(!lookup(0xE0).unwrap().set_dsc);
         assert_eq!(lookup(0xE5).unwrap().cmd, Command::CheckPower);
         let lba = TaskFile {

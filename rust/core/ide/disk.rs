@@ -19,6 +19,31 @@ pub struct IdeDiskConfig {
     pub serial: Option<String>,
     pub model: Option<String>,
     pub write_cache: bool,
+    /// What DATA SET MANAGEMENT TRIM does with the ranges (QEMU's drive option `discard`).
+    pub discard: DiscardMode,
+}
+
+/// QEMU's `-drive discard=`: `ignore` (QEMU's default) completes TRIM without touching the
+/// data; `unmap` passes the ranges to the node's discard. IDENTIFY advertises TRIM either
+/// way, as QEMU 7.2's `ide-hd` does (its discard granularity defaults to 512).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DiscardMode {
+    #[default]
+    Ignore,
+    Unmap,
+}
+
+impl DiscardMode {
+    /// Parses QEMU's spellings (`ignore`/`off`, `unmap`/`on`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "ignore" | "off" => Ok(DiscardMode::Ignore),
+            "unmap" | "on" => Ok(DiscardMode::Unmap),
+            _ => Err(crate::Error::invalid(format!(
+                "discard must be 'ignore' or 'unmap', got {s:?}"
+            ))),
+        }
+    }
 }
 
 impl Default for IdeDiskConfig {
@@ -31,6 +56,7 @@ impl Default for IdeDiskConfig {
             serial: None,
             model: None,
             write_cache: true,
+            discard: DiscardMode::Ignore,
         }
     }
 }

@@ -15,14 +15,32 @@ pub const BM_STATUS_CAPABLE: u8 = 0x60;
 pub const PRD_TABLE_LIMIT: u64 = 4096;
 const PRD_EOT: u32 = 0x8000_0000;
 
+/// What a DMA command moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmaKind {
+    /// Disk to memory (READ DMA).
+    Read,
+    /// Memory to disk (WRITE DMA).
+    Write,
+    /// DATA SET MANAGEMENT TRIM: memory holds the range list.
+    Trim,
+}
+
+/// One TRIM range entry: LBA in bits 47:0, count in bits 63:48 (0 = unused entry).
+pub fn trim_entry(entry: u64) -> (u64, u64) {
+    (entry & 0xFFFF_FFFF_FFFF, entry >> 48)
+}
+
 /// Registers of the bus master plus the DMA command waiting for START.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BusMaster {
     pub cmd: u8,
     pub status: u8,
     pub addr: u32,
-    /// A READ/WRITE DMA command issued to this unit waits for START (`true` = write to disk).
-    pub pending: Option<(usize, bool)>,
+    /// The PRD table cursor: set to `addr` by START, advanced by every table walk.
+    pub cur_addr: u32,
+    /// A DMA command issued to this unit waits for START.
+    pub pending: Option<(usize, DmaKind)>,
     /// A transfer is running on a worker.
     pub busy: bool,
 }
@@ -46,6 +64,19 @@ impl BusMaster {
             | (self.status & !val & (BM_STATUS_ERROR | BM_STATUS_INTERRUPT));
     }
 
+    /// `len` bytes of the PRD table address from byte `at` (0-3); the address stays dword
+    /// aligned.
+    pub fn write_addr(&mut self, at: u8, len: u8, val: u32) {
+        let shift = 8 * u32::from(at);
+        let mask = if len >= 4 {
+            u32::MAX
+        } else {
+            (1u32 << (8 * u32::from(len))) - 1
+        };
+        self.addr = (self.addr & !(mask << shift)) | ((val & mask) << shift);
+        self.addr &= !3;
+    }
+
     /// A byte of the PRD table address; the address stays dword aligned.
     pub fn write_addr_byte(&mut self, offset: u8, val: u8) {
         let shift = 8 * u32::from(offset - 4);
@@ -66,36 +97,46 @@ pub struct PrdList {
 /// Walks the PRD table at `table` until EOT, the 4 KiB cap, or an entry or buffer outside
 /// guest memory (which ends the table there).
 pub fn walk_prd(memory: &GuestMemory, table: u32, limit: u64) -> PrdList {
+    walk_prd_from(memory, table, table, limit).0
+}
+
+/// Walks the PRD table whose base is `table` from the entry at `cur` (QEMU keeps its table
+/// cursor between the commands of one START), consuming entries up to EOT or the 4 KiB cap
+/// even past `limit` (the extra length only sets `longer`). Returns the list and the cursor
+/// after the last entry read.
+pub fn walk_prd_from(memory: &GuestMemory, table: u32, cur: u32, limit: u64) -> (PrdList, u32) {
     let mut list = PrdList::default();
-    let mut at = u64::from(table);
-    while at - u64::from(table) < PRD_TABLE_LIMIT {
-        let (Ok(base), Ok(word)) = (memory.read_u32(at), memory.read_u32(at + 4)) else {
+    let mut at = cur;
+    while u64::from(at.wrapping_sub(table)) < PRD_TABLE_LIMIT {
+        let (Ok(base), Ok(word)) = (
+            memory.read_u32(u64::from(at)),
+            memory.read_u32(u64::from(at) + 4),
+        ) else {
             break;
         };
-        at += 8;
+        at = at.wrapping_add(8);
         let mut len = u64::from(word & 0xFFFE);
         if len == 0 {
             len = 0x10000;
         }
-        if memory.check(u64::from(base), len as usize).is_err() {
-            break;
-        }
-        if list.bytes + len > limit {
-            list.longer = true;
-            let take = limit - list.bytes;
-            if take > 0 {
-                list.segments.push((u64::from(base), take as usize));
-                list.bytes += take;
+        if list.bytes < limit {
+            if memory.check(u64::from(base), len as usize).is_err() {
+                break;
             }
-            break;
+            let take = len.min(limit - list.bytes);
+            list.segments.push((u64::from(base), take as usize));
+            list.bytes += take;
+            if take < len {
+                list.longer = true;
+            }
+        } else {
+            list.longer = true;
         }
-        list.segments.push((u64::from(base), len as usize));
-        list.bytes += len;
         if word & PRD_EOT != 0 {
             break;
         }
     }
-    list
+    (list, at)
 }
 
 impl PrdList {

@@ -70,6 +70,8 @@ pub fn build(input: &IdentifyInput<'_>) -> [u16; 256] {
     w[63] = 0x07;
     w[64] = 0x03;
     w[65..=68].fill(120);
+    // QEMU 7.2's ide-hd has a discard granularity of 512 by default: deterministic TRIM.
+    w[69] = 1 << 14;
     w[80] = 0xF0;
     w[81] = 0x16;
     w[82] = (1 << 14) | (1 << 5) | 1;
@@ -83,6 +85,10 @@ pub fn build(input: &IdentifyInput<'_>) -> [u16; 256] {
     for i in 0..4 {
         w[100 + i] = (input.total_sectors >> (16 * i)) as u16;
     }
+    // Physical block size configured (512: exponent 0), bits 14 and 13 valid/multiple.
+    w[106] = 0x6000;
+    // DATA SET MANAGEMENT TRIM supported.
+    w[169] = 1;
     w
 }
 
@@ -147,6 +153,9 @@ mod tests {
             (93, 0x6001),
             (100, 0),
             (101, 2),
+            (69, 0x4000),
+            (106, 0x6000),
+            (169, 1),
             (255, 0),
         ];
         for &(i, v) in expect {

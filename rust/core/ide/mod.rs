@@ -33,4 +33,4 @@ pub mod pio;
 pub mod regs;
 
 pub use channel::{ChannelState, Drive, IdeChannel};
-pub use disk::{IdeDisk, IdeDiskConfig};
+pub use disk::{DiscardMode, IdeDisk, IdeDiskConfig};

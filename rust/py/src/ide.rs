@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockemu_core::geometry::TranslationRequest;
-use blockemu_core::ide::{IdeChannel, IdeDisk, IdeDiskConfig};
+use blockemu_core::ide::{DiscardMode, IdeChannel, IdeDisk, IdeDiskConfig};
 use blockemu_core::Error;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -23,6 +23,8 @@ fn geometry_count(name: &str, v: NonNeg) -> PyResult<u32> {
 }
 
 /// An IDE hard disk (QEMU `ide-hd`) over a block node. Creating it reads nothing.
+/// `discard` is QEMU's drive option: "ignore" (default) completes TRIM without touching the
+/// data, "unmap" discards the ranges on the node.
 #[pyclass(frozen, name = "IdeDisk", module = "blockemu")]
 pub struct PyIdeDisk {
     inner: Arc<IdeDisk>,
@@ -33,8 +35,8 @@ pub struct PyIdeDisk {
 impl PyIdeDisk {
     #[new]
     #[pyo3(
-        signature = (node, *, cyls = NonNeg(0), heads = NonNeg(0), secs = NonNeg(0), trans = "auto", serial = None, model = None, write_cache = true),
-        text_signature = "(node, *, cyls=0, heads=0, secs=0, trans='auto', serial=None, model=None, write_cache=True)"
+        signature = (node, *, cyls = NonNeg(0), heads = NonNeg(0), secs = NonNeg(0), trans = "auto", serial = None, model = None, write_cache = true, discard = "ignore"),
+        text_signature = "(node, *, cyls=0, heads=0, secs=0, trans='auto', serial=None, model=None, write_cache=True, discard='ignore')"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -46,6 +48,7 @@ impl PyIdeDisk {
         serial: Option<String>,
         model: Option<String>,
         write_cache: bool,
+        discard: &str,
     ) -> PyResult<Self> {
         let config = IdeDiskConfig {
             cyls: geometry_count("cyls", cyls)?,
@@ -55,6 +58,7 @@ impl PyIdeDisk {
             serial,
             model,
             write_cache,
+            discard: DiscardMode::parse(discard).py_err()?,
         };
         let inner = IdeDisk::new(node.get().inner.clone(), config).py_err()?;
         Ok(PyIdeDisk {
