@@ -117,6 +117,7 @@ pub struct PyIdeChannel {
     inner: IdeChannel,
     master: Option<Py<PyIdeDisk>>,
     slave: Option<Py<PyIdeDisk>>,
+    memory: Option<Py<PyGuestMemory>>,
 }
 
 #[pymethods]
@@ -131,14 +132,21 @@ impl PyIdeChannel {
         let inner = IdeChannel::new(
             master.as_ref().map(|d| d.get().inner.clone()),
             slave.as_ref().map(|d| d.get().inner.clone()),
-            memory.map(|m| m.get().inner.clone()),
+            memory.as_ref().map(|m| m.get().inner.clone()),
         )
         .py_err()?;
         Ok(PyIdeChannel {
             inner,
             master: master.map(Bound::unbind),
             slave: slave.map(Bound::unbind),
+            memory: memory.map(Bound::unbind),
         })
+    }
+
+    /// The guest memory the bus master reaches (None without one).
+    #[getter]
+    fn memory(&self, py: Python<'_>) -> Option<Py<PyGuestMemory>> {
+        self.memory.as_ref().map(|m| m.clone_ref(py))
     }
 
     #[getter]
