@@ -4,26 +4,6 @@ mod ide_common;
 
 use ide_common::*;
 
-const PRD: u64 = 0x1000;
-const BUF: u64 = 0x8000;
-
-fn prd(g: &Guest, entries: &[(u32, u32)]) {
-    let mem = g.memory.as_ref().unwrap();
-    for (i, &(addr, word)) in entries.iter().enumerate() {
-        mem.write_u32(PRD + 8 * i as u64, addr).unwrap();
-        mem.write_u32(PRD + 8 * i as u64 + 4, word).unwrap();
-    }
-    g.ch.bmdma_write(0, 0, 1).unwrap();
-    g.ch.bmdma_write(2, 0x06, 1).unwrap();
-    g.ch.bmdma_write(4, PRD as u32, 4).unwrap();
-}
-
-fn bm_status(g: &Guest) -> u8 {
-    g.ch.bmdma_read(2, 1).unwrap() as u8
-}
-
-const EOT: u32 = 0x8000_0000;
-
 #[test]
 fn read_dma_one_sector() {
     let g = Guest::f1_with(None, true);

@@ -134,3 +134,28 @@ impl Guest {
         self.settle();
     }
 }
+
+/// Guest-physical address of the PRD table the DMA tests build.
+pub const PRD: u64 = 0x1000;
+/// Guest-physical address of the DMA data buffer.
+pub const BUF: u64 = 0x8000;
+/// End-of-table bit of a PRD entry's second dword.
+pub const EOT: u32 = 0x8000_0000;
+
+/// Writes a PRD table (address, count|flags) at `PRD`, stops the bus master, clears its
+/// status and points it at the table.
+pub fn prd(g: &Guest, entries: &[(u32, u32)]) {
+    let mem = g.memory.as_ref().unwrap();
+    for (i, &(addr, word)) in entries.iter().enumerate() {
+        mem.write_u32(PRD + 8 * i as u64, addr).unwrap();
+        mem.write_u32(PRD + 8 * i as u64 + 4, word).unwrap();
+    }
+    g.ch.bmdma_write(0, 0, 1).unwrap();
+    g.ch.bmdma_write(2, 0x06, 1).unwrap();
+    g.ch.bmdma_write(4, PRD as u32, 4).unwrap();
+}
+
+/// The bus master's status register.
+pub fn bm_status(g: &Guest) -> u8 {
+    g.ch.bmdma_read(2, 1).unwrap() as u8
+}

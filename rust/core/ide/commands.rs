@@ -136,22 +136,19 @@ impl ChannelState {
         }
         match cmd {
             Nop => true,
-            ReadPio { ext } => {
+            ReadPio { ext } | ReadMultiple { ext } => {
                 let d = &mut self.drives[unit];
-                d.tf.expand_count(ext);
-                d.req_nb_sectors = 1;
-                d.read_ahead.clear();
-                self.sector_read(unit, out);
-                false
-            }
-            ReadMultiple { ext } => {
-                let d = &mut self.drives[unit];
-                if d.mult_sectors == 0 {
+                // READ MULTIPLE moves `mult_sectors` per DRQ block; it needs SET MULTIPLE first.
+                let per_block = match cmd {
+                    ReadMultiple { .. } => d.mult_sectors,
+                    _ => 1,
+                };
+                if per_block == 0 {
                     self.abort(unit);
                     return true;
                 }
                 d.tf.expand_count(ext);
-                d.req_nb_sectors = d.mult_sectors;
+                d.req_nb_sectors = per_block;
                 d.read_ahead.clear();
                 self.sector_read(unit, out);
                 false
