@@ -345,7 +345,7 @@ impl ChannelState {
             Lookup::Ready(at) => {
                 let data = d.read_ahead.data[at..at + (n * SECTOR_SIZE) as usize].to_vec();
                 addressing::set_sector(&mut d.tf, chs, lba + n);
-                d.tf.nsector -= n as u32;
+                d.tf.nsector = d.tf.nsector.saturating_sub(n as u32);
                 d.tf.status &= !BSY;
                 let exhausted = d.read_ahead.end() <= lba + n && d.read_ahead.fail_at.is_none();
                 if d.tf.nsector > 0 && exhausted && !d.read_ahead.fetching {
@@ -684,7 +684,9 @@ impl ChannelState {
         // TRIM is not range checked: CHS sector 0 (-1) advances like any other address.
         let next = addressing::get_sector(&d.tf, chs) + sectors as i64;
         addressing::set_sector(&mut d.tf, chs, next.max(0) as u64);
-        d.tf.nsector -= sectors as u32;
+        // The transfer was sized when it was set up; an SRST in between may have shrunk the
+        // count (fuzz crash: subtract overflow), so never go below zero.
+        d.tf.nsector = d.tf.nsector.saturating_sub(sectors as u32);
         d.tf.status = DRDY | DSC;
         let done = d.tf.nsector == 0;
         if let Some(bm) = &mut self.bm {

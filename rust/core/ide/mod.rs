@@ -21,7 +21,7 @@
 //! decode and write-back, range check), [`identify`] (the 256 words), [`pio`] (DRQ block and
 //! read-ahead), [`dma`] (bus master registers, PRD walk), [`commands`] (table and handlers),
 //! [`disk`] (configuration and lazy geometry), [`channel`] (locking, IRQ line, reset, and the
-//! worker-pool completions).
+//! worker-pool completions); [`replay`] plays raw access sequences (fuzzing and its corpus).
 
 pub mod addressing;
 pub mod channel;
@@ -31,6 +31,7 @@ pub mod dma;
 pub mod identify;
 pub mod pio;
 pub mod regs;
+pub mod replay;
 
 pub use channel::{ChannelState, Drive, IdeChannel};
 pub use disk::{DiscardMode, IdeDisk, IdeDiskConfig};
