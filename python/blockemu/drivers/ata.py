@@ -106,6 +106,18 @@ LBA48_LIMIT = 1 << 48
 Mode = Literal["chs", "lba28", "lba48", "auto"]
 _MODES = ("chs", "lba28", "lba48", "auto")
 
+# The PIO command for (write, multiple, ext).
+_PIO_COMMANDS = {
+    (False, False, False): CMD_READ_SECTORS,
+    (False, False, True): CMD_READ_SECTORS_EXT,
+    (False, True, False): CMD_READ_MULTIPLE,
+    (False, True, True): CMD_READ_MULTIPLE_EXT,
+    (True, False, False): CMD_WRITE_SECTORS,
+    (True, False, True): CMD_WRITE_SECTORS_EXT,
+    (True, True, False): CMD_WRITE_MULTIPLE,
+    (True, True, True): CMD_WRITE_MULTIPLE_EXT,
+}
+
 
 @runtime_checkable
 class AtaChannel(Protocol):
@@ -636,10 +648,7 @@ class AtaDriver:
     def _pio_read(self, lba: int, count: int, mode: str) -> bytes:
         field, dev, ext = self._encode(lba, count, mode)
         mult = self.multiple
-        if mult:
-            command = CMD_READ_MULTIPLE_EXT if ext else CMD_READ_MULTIPLE
-        else:
-            command = CMD_READ_SECTORS_EXT if ext else CMD_READ_SECTORS
+        command = _PIO_COMMANDS[False, bool(mult), ext]
         self._load_taskfile(command, count=count, lba=field, device=dev, ext=ext)
         out = bytearray()
         left = count
@@ -655,10 +664,7 @@ class AtaDriver:
     def _pio_write(self, lba: int, count: int, mode: str, data: bytes) -> None:
         field, dev, ext = self._encode(lba, count, mode)
         mult = self.multiple
-        if mult:
-            command = CMD_WRITE_MULTIPLE_EXT if ext else CMD_WRITE_MULTIPLE
-        else:
-            command = CMD_WRITE_SECTORS_EXT if ext else CMD_WRITE_SECTORS
+        command = _PIO_COMMANDS[True, bool(mult), ext]
         self._load_taskfile(command, count=count, lba=field, device=dev, ext=ext)
         pos = 0
         while pos < count:
