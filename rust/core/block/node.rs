@@ -347,7 +347,8 @@ impl BlockNode {
             .locks
     }
 
-    fn check_open(&self) -> Result<()> {
+    /// `Closed` on a closed node (for callers that must refuse before doing any work).
+    pub fn check_open(&self) -> Result<()> {
         if self.is_closed() {
             Err(self.closed_error())
         } else {

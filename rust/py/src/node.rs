@@ -43,14 +43,7 @@ fn trace_dict<'py>(py: Python<'py>, e: &TraceEntry) -> PyResult<Bound<'py, PyDic
 
 impl PyBlockNode {
     fn check_open(&self) -> PyResult<()> {
-        if self.inner.is_closed() {
-            Err(PyValueError::new_err(format!(
-                "I/O operation on closed node {:?}",
-                self.inner.name()
-            )))
-        } else {
-            Ok(())
-        }
+        self.inner.check_open().py_err()
     }
 }
 
@@ -151,7 +144,6 @@ impl PyBlockNode {
 
     /// Makes every completed write durable.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
-        self.check_open()?;
         let node = &self.inner;
         detach_interruptible(py, || node.flush()).py_err()
     }
@@ -160,7 +152,6 @@ impl PyBlockNode {
     fn discard(&self, py: Python<'_>, offset: NonNeg, length: NonNeg) -> PyResult<bool> {
         let offset = offset.0;
         let length = length.0;
-        self.check_open()?;
         let node = &self.inner;
         detach_interruptible(py, || node.discard(offset, length)).py_err()
     }
@@ -169,7 +160,6 @@ impl PyBlockNode {
     fn write_zeroes(&self, py: Python<'_>, offset: NonNeg, length: NonNeg) -> PyResult<()> {
         let offset = offset.0;
         let length = length.0;
-        self.check_open()?;
         let node = &self.inner;
         detach_interruptible(py, || node.write_zeroes(offset, length)).py_err()
     }
@@ -231,14 +221,12 @@ impl PyBlockNode {
 
     /// Flushes, then releases the write lock; afterwards the node refuses all I/O.
     fn inactivate(&self, py: Python<'_>) -> PyResult<()> {
-        self.check_open()?;
         let node = &self.inner;
         detach_interruptible(py, || node.inactivate()).py_err()
     }
 
     /// Takes the write lock, drops every cache, then allows I/O.
     fn activate(&self, py: Python<'_>) -> PyResult<()> {
-        self.check_open()?;
         let node = &self.inner;
         detach_interruptible(py, || node.activate()).py_err()
     }
