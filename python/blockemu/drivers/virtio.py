@@ -684,24 +684,35 @@ class VirtioBlkDriver:
             self.write_desc(idx[-1], table, 16 * len(inner), DESC_F_INDIRECT, 0)
         return sub
 
-    def submit(self, requests: Sequence[Request], *, notify: bool = True) -> list[Submitted]:
+    def submit(
+        self,
+        requests: Sequence[Request],
+        *,
+        notify: bool = True,
+        used_event: int | None = None,
+    ) -> list[Submitted]:
         """Builds every request, exposes all heads with one avail.idx update, then (with
-        ``notify``) one QueueNotify. With EVENT_IDX, used_event is set so that the device
-        interrupts once, when the last of them completes."""
+        ``notify``) one QueueNotify. With EVENT_IDX, used_event is set (unless given) so that the
+        device interrupts once, when the last of them completes."""
         subs = [self.build(r) for r in requests]
         for s in subs:
             self._inflight[s.head] = s
         self.expose([s.head for s in subs], bump=False)
         if self.has(F_EVENT_IDX):
-            self.set_used_event(self.last_used + len(self._inflight) - 1)
+            if used_event is None:
+                used_event = self.last_used + len(self._inflight) - 1
+            self.set_used_event(used_event)
         self.set_avail_idx(self.avail_idx + len(subs))
         if notify:
             self.notify()
         return subs
 
-    def wait_used(self, n: int, timeout: float | None = None) -> list[UsedElem]:
+    def wait_used(
+        self, n: int, timeout: float | None = None, *, ack: bool = True
+    ) -> list[UsedElem]:
         """Waits until ``n`` new used elements exist (interrupt or poll of used.idx), consumes and
-        returns them, frees their descriptors and acknowledges the used-buffer interrupt."""
+        returns them, frees their descriptors and (with ``ack``) acknowledges the used-buffer
+        interrupt."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         pause = 0.0002
         while True:
@@ -727,7 +738,7 @@ class VirtioBlkDriver:
             sub = self._inflight.pop(e.id, None)
             if sub is not None:
                 self._free.extend(sub.descs)
-        if self.device.irq:
+        if ack and self.device.irq:
             self.ack_interrupts(INT_USED)
         if not self._inflight:
             self.reset_alloc()
