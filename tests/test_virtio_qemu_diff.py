@@ -1,0 +1,625 @@
+"""Differential test: the same VirtioBlkDriver programs on QEMU's virtio-blk-device (qtest,
+microvm, virtio-mmio v2) and on blockemu's VirtioBlk. Every observation must agree: config space
+bytes (0x100..0x160 at widths 1, 2 and 4), feature words, QueueSizeMax, used elements (id, len),
+status bytes, data read back, InterruptStatus after each batch, device status after bad input,
+and the final images byte for byte.
+
+Where our policy (specs/virtio.md §6 "our policy", §11 decisions) deliberately differs from
+QEMU, the observation is checked against our documented behaviour on blockemu (and against
+QEMU's known behaviour on QEMU, to keep the harness honest) instead of being compared; every such
+place names its KNOWN_DIVERGENCES entry.
+
+Until blockemu's VirtioBlk exists, the programs run on QEMU twice (determinism of the harness).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockemu.drivers import Request, RingLayout, VirtioBlkDriver
+from blockemu.drivers import virtio as v
+from virtio_targets import BlockemuVirtio, QemuVirtio, blockemu_has_virtio, make_image
+
+from peers import require_tool
+
+KNOWN_DIVERGENCES: dict[str, str] = {
+    "used-len-on-error": (
+        "§3.2/§11.3: on IOERR/UNSUPP QEMU reports the whole writable area (data + status) as "
+        "used.len; we report 1 (only the status byte was written)."
+    ),
+    "get-id-short-buffer": (
+        "§6 #20: GET_ID with a writable buffer < 20 bytes: QEMU copies min(strlen+1, size) "
+        "bytes and says OK; we answer IOERR and leave the buffer untouched."
+    ),
+    "legacy-types": (
+        "§11.2: QEMU masks bit 31 (BARRIER) and treats type 5 (FLUSH_OUT) as FLUSH, and answers "
+        "the legacy SCSI types 2/3 with IOERR; a modern-only device answers UNSUPP for all of "
+        "them (§6 #19, unknown type)."
+    ),
+    "zero-length-descriptor": (
+        "§6 #13: QEMU: 'zero sized buffers are not allowed' -> NEEDS_RESET; we allow it (it "
+        "contributes nothing)."
+    ),
+    "short-header-or-no-status": (
+        "§6 #14/#15: a header < 16 bytes or a chain without a writable byte: QEMU NEEDS_RESET; "
+        "we return the chain with used.len 0 and write nothing."
+    ),
+    "nested-indirect": "§6 #8: QEMU uses the inner INDIRECT descriptor as a buffer; we are fatal.",
+    "indirect-without-feature": "§6 #11: QEMU processes it anyway; we are fatal.",
+    "long-chain-through-indirect": (
+        "§6 #4/§4.5: a chain of more than Q hops through an indirect table bigger than Q: QEMU "
+        "bounds by the table's length and processes it; we bound the whole chain by Q (fatal)."
+    ),
+    "direct-then-indirect": (
+        "§4.3: the spec says the device MUST handle normal descriptors followed by one INDIRECT "
+        "descriptor; QEMU 7.2 sets NEEDS_RESET; we process the chain."
+    ),
+    "notify-before-driver-ok": (
+        "§6 #23: QEMU 7.2 (virtio-mmio) processes a queue notified after QueueReady but before "
+        "DRIVER_OK; we ignore it (the device MUST NOT consume buffers before DRIVER_OK)."
+    ),
+    "unoffered-feature": (
+        "§5.2/§10 #3: QEMU silently drops a driver feature it did not offer and sets FEATURES_OK; "
+        "we refuse FEATURES_OK."
+    ),
+    "no-version-1": (
+        "§10 #4: QEMU (force-legacy=false) still sets FEATURES_OK without VERSION_1; a "
+        "modern-only device refuses it."
+    ),
+    "ring-reset-offered": "§1.2: QEMU offers VIRTIO_F_RING_RESET (bit 40); we do not offer it.",
+    "descriptor-addr-overflow": (
+        "§6 #6: QEMU 7.2 accepts a descriptor whose addr + len wraps past 2^64 and moves data at "
+        "guest address 0; we are fatal and touch nothing."
+    ),
+}
+
+SERIAL = "EMU-VIRTIO-0001"
+SECTORS = 16384  # 8 MiB: geometry 16/16/63 on both
+QSIZE = 1024
+MEM = 64 << 20
+
+Program = Callable[["Rec", VirtioBlkDriver, Any], None]
+
+
+class Rec:
+    """Observations of one program on one target."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.items: list[tuple[str, Any]] = []
+
+    def add(self, key: str, value: Any) -> None:
+        self.items.append((key, value))
+
+    def div(self, key: str, value: Any, divergence: str, *, ours: Any, qemu: Any = None) -> None:
+        assert divergence in KNOWN_DIVERGENCES, divergence
+        if self.name == "blockemu":
+            assert value == ours, f"{key}: {value!r}, documented {ours!r} ({divergence})"
+        elif qemu is not None:
+            assert value == qemu, f"{key}: QEMU gave {value!r}, expected {qemu!r} ({divergence})"
+        self.items.append((key, f"<{divergence}>"))
+
+    @property
+    def ours(self) -> bool:
+        return self.name == "blockemu"
+
+
+def digest(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- program helpers
+
+
+def observe(rec: Rec, d: VirtioBlkDriver, key: str, reqs: list[Request], **kw: Any) -> None:
+    """Runs ``reqs`` as one batch; records status, used.len, data and InterruptStatus."""
+    subs = d.submit(reqs, **kw)
+    elems = d.wait_used(len(subs), ack=False)
+    by_head = {e.id: e for e in elems}
+    assert len(by_head) == len(subs)
+    for i, s in enumerate(subs):
+        st = d.status(s)
+        k = f"{key}[{i}]"
+        rec.add(k + ".status", st)
+        used = by_head[s.head].len
+        if st not in (0, -1) and s.in_len > 0:
+            rec.div(k + ".len", used, "used-len-on-error", ours=1, qemu=s.in_len + s.status_len)
+        else:
+            rec.add(k + ".len", used)
+        rec.add(k + ".data", digest(d.data_in(s)))
+    rec.add(key + ".isr", d.interrupt_status())
+    d.ack_interrupts()
+
+
+def wait_outcome(d: VirtioBlkDriver, used_before: int, timeout: float = 2.0) -> tuple[bool, int]:
+    """After a notify: waits for a used element or NEEDS_RESET; returns (needs_reset, used)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = d.device_status
+        if st & v.S_NEEDS_RESET:
+            return True, d.used_idx()
+        if d.used_idx() != used_before:
+            return False, d.used_idx()
+        d.device.wait_irq(0.002)
+    return False, d.used_idx()
+
+
+def raw_step(
+    rec: Rec,
+    d: VirtioBlkDriver,
+    key: str,
+    build: Callable[[VirtioBlkDriver], int],
+    *,
+    divergence: str | None = None,
+    ours_fatal: bool = True,
+) -> None:
+    """Writes a hand-built chain (``build`` returns its head), exposes it, notifies, records
+    whether the device went NEEDS_RESET, and re-initialises the device."""
+    head = build(d)
+    d.expose([head])
+    d.notify()
+    fatal, used = wait_outcome(d, d.last_used)
+    outcome = ("fatal" if fatal else "used", used - d.last_used)
+    if divergence is None:
+        rec.add(key, outcome)
+        if fatal:
+            rec.add(key + ".isr", d.interrupt_status())
+    else:
+        ours = ("fatal", 0) if ours_fatal else ("used", 1)
+        rec.div(key, outcome, divergence, ours=ours)
+    d.reset()
+    d.probe()
+
+
+def hdr(d: VirtioBlkDriver, at: int, rtype: int, sector: int = 0) -> None:
+    d.mem.pack("<IIQ", at, rtype, 0, sector)
+
+
+B = 0x800000  # raw-chain buffers live from here (above the driver's bump area's start + 7 MiB)
+
+
+# ---------------------------------------------------------------------- programs
+
+
+def p_init_config(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+    for off in (0x000, 0x004, 0x008):
+        rec.add(f"reg{off:#x}", d.reg(off))
+    feats = d.read_features()
+    rec.add("features.low", feats & 0xFFFF_FFFF)
+    rec.div("features.high", feats >> 32, "ring-reset-offered", ours=1, qemu=0x101)
+    d.probe()
+    rec.add("negotiated", d.features)
+    for q in (0, 1):
+        d.set_reg(v.REG_QUEUE_SEL, q)
+        rec.add(f"qmax{q}", d.reg(v.REG_QUEUE_NUM_MAX))
+    d.set_reg(v.REG_QUEUE_SEL, 0)
+    for width in (1, 2, 4):
+        vals = [d.config_read(off, width) for off in range(0, 0x60, width)]
+        rec.add(f"config.w{width}", vals)
+    rec.add("generation", d.config_generation())
+    rec.add("capacity", d.capacity)
+    g = d.geometry
+    rec.add("geometry", None if g is None else (g.cyls, g.heads, g.secs))
+    rec.add("status", d.device_status)
+    rec.add("isr", d.interrupt_status())
+
+
+def p_negotiation_refusals(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+    offered = d.read_features()
+    d.reset()
+    d.set_status(v.S_ACKNOWLEDGE | v.S_DRIVER)
+    d.write_features((offered & v.KNOWN_FEATURES) | 1 << 34)
+    d.set_status(v.S_ACKNOWLEDGE | v.S_DRIVER | v.S_FEATURES_OK)
+    rec.div("unoffered", d.device_status, "unoffered-feature", ours=3, qemu=11)
+    d.reset()
+    d.set_status(v.S_ACKNOWLEDGE | v.S_DRIVER)
+    d.write_features(offered & v.KNOWN_FEATURES & ~v.F_VERSION_1)
+    d.set_status(v.S_ACKNOWLEDGE | v.S_DRIVER | v.S_FEATURES_OK)
+    rec.div("no-version-1", d.device_status, "no-version-1", ours=3, qemu=11)
+    d.probe()
+    rec.add("after", d.get_id())
+
+
+def make_io_program(features: int | None, event_idx: bool, indirect: bool) -> Program:
+    def prog(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+        rec.add("features", d.features)
+        rng = random.Random(5)
+        observe(rec, d, "read", [Request(v.T_IN, 8, in_len=4096)])
+        data = rng.randbytes(8192)
+        observe(rec, d, "write", [Request(v.T_OUT, 200, data=data)])
+        observe(rec, d, "readback", [Request(v.T_IN, 200, in_len=8192)])
+        observe(rec, d, "flush", [Request(v.T_FLUSH, 0)])
+        observe(rec, d, "get_id", [Request(v.T_GET_ID, 0, in_len=20)])
+        mode = "indirect" if d.has(v.F_INDIRECT_DESC) else "direct"
+        batch = [
+            Request(v.T_IN, rng.randrange(SECTORS - 8), in_len=4096, mode=mode) for _ in range(40)
+        ]
+        batch += [Request(v.T_OUT, 1000 + 8 * i, data=rng.randbytes(4096)) for i in range(8)]
+        observe(rec, d, "batch", batch)
+        if not d.has(v.F_EVENT_IDX):
+            d.set_avail_flags(v.AVAIL_F_NO_INTERRUPT)
+            observe(rec, d, "no-interrupt", [Request(v.T_IN, i, in_len=512) for i in range(5)])
+            d.set_avail_flags(0)
+            observe(rec, d, "interrupt-again", [Request(v.T_IN, 0, in_len=512)])
+        else:
+            observe(
+                rec,
+                d,
+                "ev-late",
+                [Request(v.T_IN, i, in_len=512) for i in range(4)],
+                used_event=d.last_used + 10,
+            )
+            observe(
+                rec,
+                d,
+                "ev-crossed",
+                [Request(v.T_IN, i, in_len=512) for i in range(8)],
+                used_event=d.last_used + 3,
+            )
+            rec.add("avail_event", d.avail_event())
+
+    prog.__name__ = f"io_f{features}_e{event_idx}_i{indirect}"
+    return prog
+
+
+def make_layout_program(layout: RingLayout, qsize: int) -> Program:
+    def prog(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+        rng = random.Random(qsize)
+        mode = "indirect" if qsize < 4 else "direct"
+        total = 0
+        for rnd in range(3):
+            n = max(1, min(qsize if mode == "indirect" else qsize // 3, 64))
+            reqs = [
+                Request(v.T_IN, rng.randrange(SECTORS - 8), in_len=1024, mode=mode)
+                for _ in range(n)
+            ]
+            observe(rec, d, f"round{rnd}", reqs)
+            total += n
+        rec.add("used_idx", d.used_idx())
+
+    return prog
+
+
+def p_request_validation(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+    cases: list[tuple[str, Request]] = [
+        ("last-sector", Request(v.T_IN, SECTORS - 1, in_len=512)),
+        ("past-end", Request(v.T_IN, SECTORS - 1, in_len=1024)),
+        ("at-end", Request(v.T_IN, SECTORS, in_len=512)),
+        ("huge-sector", Request(v.T_IN, (1 << 64) - 1, in_len=512)),
+        ("overflow-sector", Request(v.T_IN, (1 << 55), in_len=512)),
+        ("write-past-end", Request(v.T_OUT, SECTORS - 1, data=bytes(1024))),
+        ("unaligned-read", Request(v.T_IN, 0, in_len=1000)),
+        ("unaligned-write", Request(v.T_OUT, 0, data=bytes(100))),
+        ("zero-read", Request(v.T_IN, 0)),
+        ("zero-write", Request(v.T_OUT, 0)),
+        ("flush-sector", Request(v.T_FLUSH, 77)),
+        ("flush-with-data", Request(v.T_FLUSH, 0, in_len=512)),
+        ("get-id-21", Request(v.T_GET_ID, 0, in_len=21)),
+        ("get-id-32", Request(v.T_GET_ID, 0, in_len=32)),
+        ("type-0xff", Request(0xFF, 0, in_len=512)),
+        ("type-10", Request(10, 0, in_len=6)),
+        ("type-14", Request(14, 0, data=VirtioBlkDriver.segment(0, 1))),
+        ("type-16", Request(16, 0, in_len=512)),
+        ("type-24", Request(24, 0)),
+        ("reserved-field", Request(v.T_IN, 0, in_len=512, reserved=0xDEAD)),
+    ]
+    for name, req in cases:
+        observe(rec, d, name, [req])
+    # Divergent request types: checked against our policy.
+    for name, req, qemu_status in (
+        ("get-id-8", Request(v.T_GET_ID, 0, in_len=8), 0),
+        ("type-5", Request(5, 0), 0),
+        ("barrier-read", Request(0x8000_0000, 8, in_len=512), 0),
+        ("type-2", Request(2, 0, in_len=512), 1),
+        ("type-3", Request(3, 0, data=bytes(512)), 1),
+    ):
+        ((sub, _used),) = d.run([req])
+        key = "get-id-short-buffer" if name == "get-id-8" else "legacy-types"
+        ours = v.S_IOERR if name == "get-id-8" else v.S_UNSUPP
+        rec.div(name, d.status(sub), key, ours=ours, qemu=qemu_status)
+    d.ack_interrupts()
+
+
+def p_discard_write_zeroes(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+    seg = VirtioBlkDriver.segment
+    rec.add("features", d.features & (v.F_DISCARD | v.F_WRITE_ZEROES))
+    if not d.has(v.F_WRITE_ZEROES):
+        return
+    max_wz = d.config_read(0x30, 4)
+    cases = [
+        ("wz", Request(v.T_WRITE_ZEROES, data=seg(16, 8))),
+        ("wz-unmap", Request(v.T_WRITE_ZEROES, data=seg(32, 8, 1))),
+        ("wz-flag2", Request(v.T_WRITE_ZEROES, data=seg(48, 8, 2))),
+        ("wz-two-segs", Request(v.T_WRITE_ZEROES, data=seg(64, 8) + seg(80, 8))),
+        ("wz-past-end", Request(v.T_WRITE_ZEROES, data=seg(SECTORS - 4, 8))),
+        ("wz-too-many", Request(v.T_WRITE_ZEROES, data=seg(0, max_wz + 1))),
+        ("wz-zero-sectors", Request(v.T_WRITE_ZEROES, data=seg(96, 0))),
+        ("wz-sector-nonzero-header", Request(v.T_WRITE_ZEROES, 5, data=seg(100, 4))),
+        ("discard", Request(v.T_DISCARD, data=seg(200, 8))),
+        ("discard-unmap", Request(v.T_DISCARD, data=seg(216, 8, 1))),
+        ("discard-two", Request(v.T_DISCARD, data=seg(232, 8) + seg(248, 8))),
+        ("discard-past-end", Request(v.T_DISCARD, data=seg(SECTORS, 1))),
+    ]
+    for name, req in cases:
+        if name.startswith("discard") and not d.has(v.F_DISCARD):
+            continue
+        observe(rec, d, name, [req])
+    observe(rec, d, "readback", [Request(v.T_IN, 0, in_len=300 * 512)])
+
+
+def p_layouts_any(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+    rng = random.Random(7)
+    variants: list[tuple[str, Request]] = [
+        ("hdr-1-15", Request(v.T_IN, 8, in_len=2048, split=[1, 15, 2048, 1])),
+        ("hdr-10-6", Request(v.T_IN, 8, in_len=2048, split=[10, 6, 2048, 1])),
+        ("data+status", Request(v.T_IN, 8, in_len=2048, split=[16, 2049])),
+        ("data-split", Request(v.T_IN, 8, in_len=2048, split=[16, 512, 1, 511, 1024, 1])),
+        ("data-split-status", Request(v.T_IN, 8, in_len=1024, split=[16, 1000, 25])),
+        ("out-one", Request(v.T_OUT, 300, data=rng.randbytes(1024), split=[16 + 1024, 1])),
+        ("out-split", Request(v.T_OUT, 310, data=rng.randbytes(1024), split=[8, 8 + 500, 524, 1])),
+        ("indirect", Request(v.T_IN, 8, in_len=2048, mode="indirect")),
+        (
+            "indirect-split",
+            Request(v.T_IN, 8, in_len=2048, split=[3, 13, 1024, 1025], mode="indirect"),
+        ),
+        ("get-id-merged", Request(v.T_GET_ID, 0, in_len=20, split=[16, 21])),
+        ("flush-merged", Request(v.T_FLUSH, 0, split=[16, 1])),
+        ("many-descs", Request(v.T_IN, 8, in_len=64 * 16, split=[16, *([16] * 64), 1])),
+    ]
+    for name, req in variants:
+        observe(rec, d, name, [req])
+    observe(rec, d, "all", [r for _, r in variants])
+    # Divergent layout: normal descriptors followed by one INDIRECT descriptor.
+    raw_step(rec, d, "mixed", _mixed_raw, divergence="direct-then-indirect", ours_fatal=False)
+
+
+def _mixed_raw(d: VirtioBlkDriver) -> int:
+    hdr(d, B, v.T_IN, 8)
+    d.write_desc(0, B, 16, v.DESC_F_NEXT, 1)
+    d.write_desc(0, B + 0x1000, 2048, v.DESC_F_WRITE | v.DESC_F_NEXT, 1, table=B + 0x10000)
+    d.write_desc(1, B + 0x2000, 1, v.DESC_F_WRITE, 0, table=B + 0x10000)
+    d.write_desc(1, B + 0x10000, 32, v.DESC_F_INDIRECT)
+    return 0
+
+
+def p_bad_rings(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+    def good(dd: VirtioBlkDriver, first: int = 0) -> int:
+        hdr(dd, B, v.T_IN, 0)
+        dd.write_desc(first, B, 16, v.DESC_F_NEXT, first + 1)
+        dd.write_desc(first + 1, B + 0x1000, 512, v.DESC_F_NEXT | v.DESC_F_WRITE, first + 2)
+        dd.write_desc(first + 2, B + 0x2000, 1, v.DESC_F_WRITE, 0)
+        return first
+
+    def bad_head(dd: VirtioBlkDriver) -> int:
+        return dd.queue_size + 5
+
+    def bad_next(dd: VirtioBlkDriver) -> int:
+        good(dd)
+        dd.write_desc(1, B + 0x1000, 512, v.DESC_F_NEXT | v.DESC_F_WRITE, dd.queue_size)
+        return 0
+
+    def loop(dd: VirtioBlkDriver) -> int:
+        dd.write_desc(0, B, 16, v.DESC_F_NEXT, 1)
+        dd.write_desc(1, B, 16, v.DESC_F_NEXT, 0)
+        return 0
+
+    def order(dd: VirtioBlkDriver) -> int:
+        hdr(dd, B, v.T_OUT, 0)
+        dd.write_desc(0, B, 16, v.DESC_F_NEXT, 1)
+        dd.write_desc(1, B + 0x2000, 1, v.DESC_F_NEXT | v.DESC_F_WRITE, 2)
+        dd.write_desc(2, B + 0x1000, 512, 0, 0)
+        return 0
+
+    def ind_len(n: int) -> Callable[[VirtioBlkDriver], int]:
+        def b(dd: VirtioBlkDriver) -> int:
+            dd.write_desc(0, B + 0x10000, n, v.DESC_F_INDIRECT)
+            return 0
+
+        return b
+
+    def oom(dd: VirtioBlkDriver) -> int:
+        good(dd)
+        dd.write_desc(1, MEM + 0x1000_0000, 512, v.DESC_F_NEXT | v.DESC_F_WRITE, 2)
+        return 0
+
+    raw_step(rec, d, "good", good)
+    raw_step(rec, d, "bad-head", bad_head)
+    raw_step(rec, d, "bad-next", bad_next)
+    raw_step(rec, d, "loop", loop)
+    raw_step(rec, d, "order", order)
+    raw_step(rec, d, "indirect-len-24", ind_len(24))
+    raw_step(rec, d, "indirect-len-0", ind_len(0))
+    raw_step(rec, d, "out-of-memory", oom)
+    # avail.idx too far ahead
+    good(d)
+    d.set_avail_idx(d.queue_size + 1)
+    d.notify()
+    rec.add("avail-too-far", wait_outcome(d, 0))
+    d.reset()
+    d.probe()
+
+    def zero_len(dd: VirtioBlkDriver) -> int:
+        good(dd, 0)
+        dd.write_desc(1, B + 0x1000, 0, v.DESC_F_NEXT | v.DESC_F_WRITE, 3)
+        dd.write_desc(3, B + 0x1000, 512, v.DESC_F_NEXT | v.DESC_F_WRITE, 2)
+        return 0
+
+    def short_hdr(dd: VirtioBlkDriver) -> int:
+        dd.write_desc(0, B, 8, v.DESC_F_NEXT, 1)
+        dd.write_desc(1, B + 0x2000, 1, v.DESC_F_WRITE, 0)
+        return 0
+
+    def no_status(dd: VirtioBlkDriver) -> int:
+        hdr(dd, B, v.T_OUT, 0)
+        dd.write_desc(0, B, 16, v.DESC_F_NEXT, 1)
+        dd.write_desc(1, B + 0x1000, 512, 0, 0)
+        return 0
+
+    def nested(dd: VirtioBlkDriver) -> int:
+        hdr(dd, B, v.T_IN, 0)
+        t1, t2 = B + 0x10000, B + 0x20000
+        dd.write_desc(0, B, 16, v.DESC_F_NEXT, 1, table=t1)
+        dd.write_desc(1, t2, 32, v.DESC_F_INDIRECT, 0, table=t1)
+        dd.write_desc(0, B + 0x1000, 512, v.DESC_F_WRITE | v.DESC_F_NEXT, 1, table=t2)
+        dd.write_desc(1, B + 0x2000, 1, v.DESC_F_WRITE, 0, table=t2)
+        dd.write_desc(0, t1, 32, v.DESC_F_INDIRECT)
+        return 0
+
+    def long_indirect(dd: VirtioBlkDriver) -> int:
+        n = dd.queue_size * 2
+        table = B + 0x40000
+        hdr(dd, B, v.T_IN, 0)
+        blob = bytearray(struct.pack("<QIHH", B, 16, v.DESC_F_NEXT, 1))
+        for i in range(1, n - 1):
+            blob += struct.pack(
+                "<QIHH", B + 0x1000, 0 if i > 1 else 512, v.DESC_F_NEXT | v.DESC_F_WRITE, i + 1
+            )
+        blob += struct.pack("<QIHH", B + 0x2000, 1, v.DESC_F_WRITE, 0)
+        dd.mem.write(table, bytes(blob))
+        dd.write_desc(0, table, 16 * n, v.DESC_F_INDIRECT)
+        return 0
+
+    def addr_overflow(dd: VirtioBlkDriver) -> int:
+        good(dd)
+        dd.write_desc(1, (1 << 64) - 16, 64, v.DESC_F_NEXT | v.DESC_F_WRITE, 2)
+        return 0
+
+    raw_step(rec, d, "zero-length", zero_len, divergence="zero-length-descriptor", ours_fatal=False)
+    raw_step(
+        rec, d, "short-header", short_hdr, divergence="short-header-or-no-status", ours_fatal=False
+    )
+    raw_step(
+        rec, d, "no-status", no_status, divergence="short-header-or-no-status", ours_fatal=False
+    )
+    raw_step(rec, d, "nested-indirect", nested, divergence="nested-indirect")
+    raw_step(rec, d, "long-indirect", long_indirect, divergence="long-chain-through-indirect")
+    raw_step(rec, d, "addr-overflow", addr_overflow, divergence="descriptor-addr-overflow")
+
+
+def p_indirect_without_feature(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+    def build(dd: VirtioBlkDriver) -> int:
+        hdr(dd, B, v.T_IN, 0)
+        tb = B + 0x10000
+        dd.write_desc(0, B, 16, v.DESC_F_NEXT, 1, table=tb)
+        dd.write_desc(1, B + 0x1000, 512, v.DESC_F_WRITE | v.DESC_F_NEXT, 2, table=tb)
+        dd.write_desc(2, B + 0x2000, 1, v.DESC_F_WRITE, 0, table=tb)
+        dd.write_desc(0, tb, 48, v.DESC_F_INDIRECT)
+        return 0
+
+    raw_step(rec, d, "indirect-no-feature", build, divergence="indirect-without-feature")
+
+
+def p_notify_misuse(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+    d.reset()
+    d.negotiate()
+    d.setup_queue()
+    hdr(d, B, v.T_IN, 0)
+    d.write_desc(0, B, 16, v.DESC_F_NEXT, 1)
+    d.write_desc(1, B + 0x1000, 512, v.DESC_F_NEXT | v.DESC_F_WRITE, 2)
+    d.write_desc(2, B + 0x2000, 1, v.DESC_F_WRITE, 0)
+    d.expose([0])
+    d.notify()
+    time.sleep(0.05)
+    rec.div("before-driver-ok", d.used_idx(), "notify-before-driver-ok", ours=0, qemu=1)
+    d.reset()
+    d.probe()
+    d.notify(7)
+    time.sleep(0.02)
+    rec.add("queue-7", (d.used_idx(), d.device_status, d.interrupt_status()))
+    observe(rec, d, "after", [Request(v.T_IN, 0, in_len=512)])
+
+
+PROGRAMS: dict[str, tuple[Program, dict[str, Any]]] = {
+    "init-config": (p_init_config, {}),
+    "negotiation-refusals": (p_negotiation_refusals, {}),
+    "io-all": (make_io_program(None, True, True), {}),
+    "io-no-event-idx": (make_io_program(None, False, True), {"event_idx": False}),
+    "io-no-indirect": (make_io_program(None, True, False), {"indirect": False}),
+    "io-minimal": (make_io_program(v.F_VERSION_1, False, False), {"features": v.F_VERSION_1}),
+    "layout-q1024": (make_layout_program(RingLayout.packed(1024), 1024), {}),
+    "layout-q256-spec": (
+        make_layout_program(RingLayout(0x1000, 0x2000, 0x3000), 256),
+        {"queue_size": 256, "layout": RingLayout(0x1000, 0x2000, 0x3000)},
+    ),
+    "layout-reversed-q64": (
+        make_layout_program(RingLayout(0x30000, 0x20002, 0x10004), 64),
+        {"queue_size": 64, "layout": RingLayout(0x30000, 0x20002, 0x10004)},
+    ),
+    "layout-high-q16": (
+        make_layout_program(RingLayout(0x3FF0000, 0x3FF8000, 0x3FFC000, 0x200000), 16),
+        {"queue_size": 16, "layout": RingLayout(0x3FF0000, 0x3FF8000, 0x3FFC000, 0x200000)},
+    ),
+    "layout-q2-indirect": (make_layout_program(RingLayout.packed(2), 2), {"queue_size": 2}),
+    "request-validation": (p_request_validation, {}),
+    "discard-write-zeroes": (p_discard_write_zeroes, {}),
+    "any-layout": (p_layouts_any, {}),
+    "bad-rings": (p_bad_rings, {"event_idx": False}),
+    "indirect-without-feature": (p_indirect_without_feature, {"indirect": False}),
+    "notify-misuse": (p_notify_misuse, {}),
+}
+
+NO_PROBE = {"init-config", "negotiation-refusals"}
+
+
+@pytest.fixture(scope="module")
+def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_tool("qemu-system-x86_64")
+    return make_image(tmp_path_factory.mktemp("vdiff") / "base.img", SECTORS * 512, seed=3)
+
+
+def run_program(name: str, target: Any) -> Rec:
+    prog, kw = PROGRAMS[name]
+    rec = Rec(target.name)
+    d = VirtioBlkDriver(target, target.memory, **kw)
+    if name not in NO_PROBE:
+        d.probe()
+    prog(rec, d, target)
+    return rec
+
+
+def targets_for(tmp_path: Path, base: Path) -> Iterator[Any]:
+    for kind in ("qemu", "blockemu" if blockemu_has_virtio() else "qemu"):
+        img = tmp_path / f"{kind}-{len(list(tmp_path.iterdir()))}.img"
+        img.write_bytes(base.read_bytes())
+        if kind == "qemu":
+            yield QemuVirtio(img, serial=SERIAL, extra_device=f",queue-size={QSIZE}")
+        else:
+            yield BlockemuVirtio(img, serial=SERIAL, queue_size=QSIZE)
+
+
+def first_difference(a: Rec, b: Rec) -> str | None:
+    for i, (x, y) in enumerate(zip(a.items, b.items, strict=False)):
+        if x != y:
+            return f"step {i}: {a.name} {x!r} != {b.name} {y!r}"
+    if len(a.items) != len(b.items):
+        return f"{a.name} has {len(a.items)} observations, {b.name} {len(b.items)}"
+    return None
+
+
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_program(name: str, base_image: Path, tmp_path: Path) -> None:
+    recs: list[Rec] = []
+    images: list[Path] = []
+    for target in targets_for(tmp_path, base_image):
+        try:
+            recs.append(run_program(name, target))
+        finally:
+            target.close()
+        images.append(target.image)
+    diff = first_difference(recs[0], recs[1])
+    assert diff is None, diff
+    assert images[0].read_bytes() == images[1].read_bytes(), "final images differ"
+
+
+def test_divergences_are_documented() -> None:
+    src = Path(__file__).read_text()
+    for key in KNOWN_DIVERGENCES:
+        assert src.count(f'"{key}"') >= 2, f"divergence {key} is never exercised"
