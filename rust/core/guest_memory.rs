@@ -74,6 +74,35 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Runs `f` on `[addr, addr + len)` of guest memory as a mutable slice: the target of
+    /// positional I/O straight into guest RAM (a DMA write). The guest may access the same
+    /// bytes at the same time; as on real hardware, what it then sees is its own business.
+    pub fn with_slice_mut<R>(
+        &self,
+        addr: u64,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R> {
+        let start = self.check(addr, len)?;
+        // SAFETY: range checked above; the memory lives as long as `self`.
+        let slice = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) };
+        Ok(f(slice))
+    }
+
+    /// Runs `f` on `[addr, addr + len)` of guest memory as a slice (a DMA read).
+    pub fn with_slice<R>(&self, addr: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        let start = self.check(addr, len)?;
+        // SAFETY: range checked above; the memory lives as long as `self`.
+        let slice = unsafe { std::slice::from_raw_parts(self.ptr.add(start), len) };
+        Ok(f(slice))
+    }
+
+    pub fn read_u8(&self, addr: u64) -> Result<u8> {
+        let mut b = [0u8; 1];
+        self.read(addr, &mut b)?;
+        Ok(b[0])
+    }
+
     pub fn read_u16(&self, addr: u64) -> Result<u16> {
         let mut b = [0u8; 2];
         self.read(addr, &mut b)?;

@@ -42,6 +42,15 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// Changes the length to `len` bytes (a host-side resize of the disk): new bytes read as
+    /// zeroes. Backends that cannot change their length refuse.
+    fn resize(&self, _len: u64) -> Result<()> {
+        Err(crate::Error::invalid(format!(
+            "a {} backend cannot be resized",
+            self.kind()
+        )))
+    }
+
     /// Bytes actually allocated on the storage, where known.
     fn allocated(&self) -> Result<Option<u64>> {
         Ok(None)

@@ -436,6 +436,10 @@ impl Backend for FaultInjector {
         self.inner.flush()
     }
 
+    fn resize(&self, len: u64) -> Result<()> {
+        self.inner.resize(len)
+    }
+
     fn len(&self) -> Result<u64> {
         self.inner.len()
     }

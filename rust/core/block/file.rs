@@ -244,6 +244,12 @@ impl Backend for FileBackend {
         self.file_len()
     }
 
+    fn resize(&self, len: u64) -> Result<()> {
+        self.file
+            .set_len(len)
+            .map_err(|e| Error::io(e).with_path(&self.path).with_op("resize"))
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<bool> {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         match self.fallocate(mode, offset, len) {

@@ -52,6 +52,24 @@ impl Backend for MemoryBackend {
         Ok(self.data.read().unwrap_or_else(|p| p.into_inner()).len() as u64)
     }
 
+    fn resize(&self, len: u64) -> Result<()> {
+        let len = usize::try_from(len).map_err(|_| {
+            crate::Error::invalid(format!("a memory disk of {len} bytes is too large"))
+        })?;
+        let mut data = self.data.write().unwrap_or_else(|p| p.into_inner());
+        let cur = data.len();
+        if len > cur {
+            data.try_reserve_exact(len - cur).map_err(|_| {
+                crate::Error::os(
+                    libc::ENOMEM,
+                    format!("cannot grow a memory disk to {len} bytes"),
+                )
+            })?;
+        }
+        data.resize(len, 0);
+        Ok(())
+    }
+
     fn discard(&self, offset: u64, len: u64) -> Result<bool> {
         self.write_zeroes(offset, len)?;
         Ok(true)

@@ -534,6 +534,22 @@ impl BlockNode {
         Ok(())
     }
 
+    /// Changes the virtual size (a host-side resize, e.g. `block_resize`): only on an active,
+    /// writable node. Devices read the new size from here; growing adds zeroes.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        let _in = self.enter(Op::Write, new_size, 0)?;
+        if self.readonly {
+            return Err(Error::read_only(format!(
+                "resize refused: node {:?} is read-only",
+                self.name
+            )));
+        }
+        self.backend.resize(new_size)?;
+        self.size.store(new_size, Ordering::Release);
+        self.size_known.store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Closes the gate and waits (interruptibly) until no operation is in flight.
     fn close_gate_and_drain(&self) -> Result<()> {
         self.gate.fetch_and(!OPEN, Ordering::AcqRel);

@@ -4,12 +4,14 @@
 //! [`Job::on_complete_for`], so that a device reset ([`Owner::invalidate`]) cuts off every
 //! callback of the requests it had in flight. The geometry prefetch is a [`OnceJob`].
 
+mod io_pool;
 mod job;
 mod once;
 mod owner;
 mod pool;
 mod prefetch;
 
+pub use io_pool::IoPool;
 pub use job::{Job, JobState};
 pub use once::OnceJob;
 pub use owner::{Owner, Ticket};

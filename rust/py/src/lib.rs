@@ -11,6 +11,7 @@ mod guest_memory;
 mod ide;
 mod jobs;
 mod node;
+mod virtio;
 
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -21,5 +22,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     jobs::register(m)?;
     geometry::register(m)?;
     ide::register(m)?;
+    virtio::register(m)?;
     Ok(())
 }

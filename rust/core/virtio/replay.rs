@@ -1,0 +1,1 @@
+//! Fuzz interpreter (placeholder until the fuzz target lands).
