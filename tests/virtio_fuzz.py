@@ -101,8 +101,8 @@ def run_random_program(d: VirtioBlkDriver, blob: bytes) -> str:
         d.set_avail_flags(1)
     new_idx = k if rng.random() < 0.95 else rng.randrange(1 << 16)
     allowed = writable_ranges(d, descs)
-    before = d.mem.read(0, WINDOW)
     d.set_avail_idx(new_idx)
+    before = d.mem.read(0, WINDOW)
     t1 = time.monotonic()
     d.notify()
     assert time.monotonic() - t1 < 1, "QueueNotify took more than 1 s"
