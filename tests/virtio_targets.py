@@ -89,6 +89,7 @@ class QemuVirtio:
         serial: str = SERIAL,
         readonly: bool = False,
         extra_device: str = "",
+        extra_drive: str = "",
         extra_args: Sequence[str] = (),
     ) -> None:
         qemu = require_tool("qemu-system-x86_64")
@@ -113,7 +114,7 @@ class QemuVirtio:
                 "-global",
                 "virtio-mmio.force-legacy=false",
                 "-drive",
-                f"file={image},if=none,id=d0,format=raw{ro}",
+                f"file={image},if=none,id=d0,format=raw{ro}{extra_drive}",
                 "-device",
                 dev,
                 *extra_args,
