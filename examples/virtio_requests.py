@@ -29,6 +29,8 @@ def main(path: Path) -> None:
     driver = VirtioBlkDriver(device, memory)
     features = driver.probe()
     print(f"negotiated features {features:#x}, queue size {driver.queue_size}")
+    # The geometry is None until the background prefetch has read sector 0 (then the device
+    # raises a configuration-change interrupt).
     print(f"capacity {driver.capacity} sectors, geometry {driver.geometry}")
     print("serial (GET_ID):", driver.get_id().decode())
 

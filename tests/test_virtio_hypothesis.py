@@ -29,7 +29,7 @@ if not blockemu_has_virtio():
     pytest.skip("blockemu.VirtioBlk does not exist yet", allow_module_level=True)
 
 SETTINGS = settings(
-    max_examples=150,
+    max_examples=250,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     derandomize=True,

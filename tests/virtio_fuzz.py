@@ -79,10 +79,10 @@ def run_random_program(d: VirtioBlkDriver, blob: bytes) -> str:
     """Runs one random program (see module doc); returns "ok" or "needs-reset"."""
     rng = random.Random(blob)
     size = d.mem.size
-    q = d.queue_size
     t0 = time.monotonic()
     d.reset()
     d.probe()
+    q = d.queue_size
     d.mem.write(PLAY, rng.randbytes(PLAY_LEN))
     # Some well-formed headers in the play area so requests get past framing.
     for _ in range(rng.randrange(4)):
