@@ -563,7 +563,7 @@ def test_32_zero_length_descriptor(drv: VirtioBlkDriver, base_data: bytes) -> No
 def test_33_short_header_and_no_status(drv: VirtioBlkDriver, base_data: bytes) -> None:
     used_ring = range(LAYOUT.used, LAYOUT.used + 6 + 8 * Q + 2)
     for req in (Request(v.T_IN, header=bytes(8)), Request(v.T_OUT, 0, status_len=0)):
-        (sub,) = drv.submit([req], notify=False)
+        drv.submit([req], notify=False)
         before = snapshot(drv)
         drv.notify()
         (used,) = drv.wait_used(1)
