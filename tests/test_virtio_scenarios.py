@@ -634,9 +634,9 @@ def test_37_fuzz_smoke(dev: Target) -> None:
 def test_38_throughput(tmp_path: Path) -> None:
     import blockemu
 
-    node = blockemu.memory_node(64 << 20)  # type: ignore[call-arg]
+    node = blockemu.memory_node(64 << 20)
     mem = blockemu.GuestMemory(64 << 20)
-    dev = blockemu.VirtioBlk(node, mem, queue_size=1024)  # type: ignore[attr-defined]
+    dev = blockemu.VirtioBlk(node, mem, queue_size=1024)
     dev.start()
     d = VirtioBlkDriver(dev, mem)
     d.probe()

@@ -248,7 +248,7 @@ class BlockemuVirtio:
         self.image = image
         self.node = blockemu.open_image(str(image), readonly=readonly, cache=cache)
         self.memory = blockemu.GuestMemory(memory_size)
-        self.dev = blockemu.VirtioBlk(  # type: ignore[attr-defined]
+        self.dev = blockemu.VirtioBlk(
             self.node, self.memory, queue_size=queue_size, serial=serial, **kwargs
         )
         self.dev.start()
