@@ -324,7 +324,7 @@ impl Guest {
                     {
                         let mut e = [0u8; 16];
                         e[..8].copy_from_slice(&x.to_le_bytes());
-                        e[8..12].copy_from_slice(&(l as u32).to_le_bytes());
+                        e[8..12].copy_from_slice(&l.to_le_bytes());
                         e[12..14].copy_from_slice(&(fl as u16).to_le_bytes());
                         e[14..].copy_from_slice(&(i as u16 + 1).to_le_bytes());
                         self.write(table + 16 * i as u64, &e);
