@@ -31,14 +31,23 @@ pub const T_GET_ID: u32 = 8;
 pub const T_DISCARD: u32 = 11;
 pub const T_WRITE_ZEROES: u32 = 13;
 
+fn word(w: u64) -> u64 {
+    let x = w.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^ (x >> 29)
+}
+
 /// Byte `i` of the image: a cheap pseudo-random function of its offset.
 pub fn image_byte(i: u64) -> u8 {
-    let x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i >> 7);
-    (x >> 32) as u8
+    (word(i / 8) >> (8 * (i % 8))) as u8
 }
 
 pub fn image(bytes: u64) -> Vec<u8> {
-    (0..bytes).map(image_byte).collect()
+    let mut v = Vec::with_capacity(bytes as usize + 8);
+    for w in 0..bytes.div_ceil(8) {
+        v.extend_from_slice(&word(w).to_le_bytes());
+    }
+    v.truncate(bytes as usize);
+    v
 }
 
 /// A memory node of `sectors` filled with [`image_byte`] (sector 0 zero: size geometry).
@@ -84,7 +93,11 @@ pub fn config() -> VirtioBlkConfig {
 
 impl Driver {
     pub fn with(node: Arc<BlockNode>, config: VirtioBlkConfig) -> Driver {
-        let mem = Arc::new(GuestMemory::new(MEM_SIZE).unwrap());
+        Driver::with_mem(node, config, MEM_SIZE)
+    }
+
+    pub fn with_mem(node: Arc<BlockNode>, config: VirtioBlkConfig, mem_size: usize) -> Driver {
+        let mem = Arc::new(GuestMemory::new(mem_size).unwrap());
         let dev = VirtioBlk::new(node.clone(), mem.clone(), config).unwrap();
         Driver {
             dev,
@@ -334,4 +347,16 @@ impl Driver {
         assert_eq!(s, 0);
         assert_eq!(data, image(16384)[4096..8192].to_vec());
     }
+}
+
+/// A pattern node behind a fault injector (stall/release, latency, failures).
+pub fn fault_node(sectors: u64, rules: Arc<blockemu_core::block::FaultRules>) -> Arc<BlockNode> {
+    let mut data = image(sectors * 512);
+    data[..512].fill(0);
+    let node = memory_node(sectors * 512, false, move |b| {
+        b.write_at(&data, 0).unwrap();
+        Arc::new(blockemu_core::block::FaultInjector::new(b, rules))
+    })
+    .unwrap();
+    Arc::new(node)
 }

@@ -1,5 +1,5 @@
 //! Walking one descriptor chain: direct descriptors, at most one indirect table, one hop
-//! budget of Q for the whole chain. Every descriptor is read exactly once into a local copy
+//! budget of Q buffer descriptors for the whole chain. Every descriptor is read exactly once into a local copy
 //! (no double fetch, §6 row 27); the result holds guest ranges only, never guest data.
 //!
 //! Any structural error is one of the §6 fatal classes ([`ChainError`]): the caller marks the
@@ -182,11 +182,15 @@ pub fn walk_into(
     let mut seen_writable = false;
     let mut total: u64 = 0;
     loop {
-        hops += 1;
-        if hops > u32::from(q) {
-            return Err(ChainError::TooLong { budget: q });
-        }
         let d = read_desc(mem, base + u64::from(index) * 16)?;
+        if d.flags & F_INDIRECT == 0 {
+            // Buffer descriptors, direct and indirect together, count toward one budget of
+            // Q; the one INDIRECT pointer does not (so Q + 1 reads at most).
+            hops += 1;
+            if hops > u32::from(q) {
+                return Err(ChainError::TooLong { budget: q });
+            }
+        }
         if d.flags & F_INDIRECT != 0 {
             if !indirect_ok {
                 return Err(ChainError::IndirectNotNegotiated);

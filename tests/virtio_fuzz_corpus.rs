@@ -1,0 +1,85 @@
+//! Replays the virtqueue fuzz corpus (`fuzz/corpus/virtqueue`) and runs spec §10 scenario 37:
+//! 10 000 seeded random programs (random descriptor tables, avail entries, guest memory and
+//! register writes). The interpreter (`blockemu_core::virtio::replay`) checks that nothing
+//! panics, every notify drains, guest memory changes only in device-writable buffers, and
+//! the device works again after a reset. A panic hook counts panics on worker threads too.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
+
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+static HOOK: Once = Once::new();
+
+fn count_panics() {
+    HOOK.call_once(|| {
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICS.fetch_add(1, Ordering::SeqCst);
+            default_hook(info);
+        }));
+    });
+}
+
+#[test]
+fn every_corpus_input_replays_without_a_panic() {
+    count_panics();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/virtqueue");
+    let mut inputs: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    inputs.sort();
+    assert!(inputs.len() >= 6, "corpus missing at {}", dir.display());
+    for path in inputs {
+        let data = std::fs::read(&path).unwrap();
+        blockemu_core::virtio::replay::replay(&data);
+        assert_eq!(
+            PANICS.load(Ordering::SeqCst),
+            0,
+            "{} panicked",
+            path.display()
+        );
+    }
+}
+
+/// xorshift64*: a fixed-seed generator, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+#[test]
+fn scenario37_seeded_random_programs() {
+    count_panics();
+    let iterations: u64 = std::env::var("VIRTIO_FUZZ_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let mut rng = Rng(0x5EED_0037);
+    for i in 0..iterations {
+        let ops = 1 + rng.next() % 24;
+        let mut data = vec![(rng.next() & 0x1f) as u8];
+        for _ in 0..ops {
+            // Bias towards the structured operations (headers, chains, exposure).
+            let kind = match rng.next() % 8 {
+                0 => 8,
+                1 | 2 => 9,
+                3 => 2,
+                _ => (rng.next() % 12) as u8,
+            };
+            data.push(kind);
+            for _ in 0..7 {
+                data.push(rng.next() as u8);
+            }
+        }
+        blockemu_core::virtio::replay::replay(&data);
+        assert_eq!(PANICS.load(Ordering::SeqCst), 0, "iteration {i} panicked");
+    }
+}
