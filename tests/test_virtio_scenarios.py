@@ -382,8 +382,7 @@ def drive_used_to(d: VirtioBlkDriver, target: int) -> None:
         k = min(n, target - done)
         assert d.resubmit([0] * k) == bytes(k)
         done += k
-    d.reset_alloc()
-    d._free = list(range(d.queue_size - 1, -1, -1))
+    d.release_reads()
 
 
 def test_22_event_idx_across_wrap(drv: VirtioBlkDriver) -> None:

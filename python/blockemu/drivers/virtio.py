@@ -855,6 +855,13 @@ class VirtioBlkDriver:
             raise VirtioError("call prepare_reads first")
         return self._fast.run(sectors)
 
+    def release_reads(self) -> None:
+        """Gives the prepared chains' descriptors and buffers back (the queue must be idle)."""
+        if self._fast is not None:
+            self._free = list(range(self.queue_size - 1, -1, -1))
+            self._fast = None
+            self.reset_alloc()
+
     def fast_data(self, i: int) -> bytes:
         """The data buffer of prepared chain ``i``."""
         if self._fast is None:
