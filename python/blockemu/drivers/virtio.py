@@ -395,9 +395,16 @@ class VirtioBlkDriver:
     def set_status(self, value: int) -> None:
         self.set_reg(REG_STATUS, value)
 
-    def reset(self) -> None:
-        """Writes 0 to Status and forgets every in-flight chain."""
+    def reset(self, timeout: float | None = None) -> None:
+        """Writes 0 to Status, waits until Status reads back 0 (a device with requests still
+        running in its backend keeps the old value until none of them can touch guest memory
+        any more), and forgets every in-flight chain."""
         self.set_status(0)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while self.device_status != 0:
+            if time.monotonic() > deadline:
+                raise VirtioTimeoutError("Status did not read back 0 after a reset")
+            time.sleep(0.0005)
         self._inflight.clear()
         self._fast = None
 
