@@ -8,10 +8,11 @@
 //! complete right there. Pending requests are run by *runners* on the elastic [`IoPool`]: a
 //! runner claims the next pending request, runs it outside the lock with positional I/O
 //! straight into/out of guest memory, then publishes the completion (status byte, used
-//! element, then used.idx with release ordering) and takes the notification decision. A
-//! runner starts one more runner only when it claims a request while more are waiting and
-//! no other runner is still starting, up to the in-flight cap: a fast (page-cache) workload
-//! stays on one or two threads, a slow one (O_DIRECT) ramps up to the cap.
+//! element, then used.idx with release ordering), takes the notification decision and claims
+//! the next one under the same lock hold. How many runners a queue gets depends on how long
+//! backend operations take (the moving share of slow ones): fast ones (page cache, memory) keep to one
+//! runner per two CPUs, so a CPU-bound workload is not drowned in context switches; slow
+//! ones (O_DIRECT) get a runner per waiting request, up to the in-flight cap.
 //!
 //! Resets: every queue has a generation. A device reset (Status = 0), a QueueReset or
 //! QueueReady = 0 bumps it and drops the pending requests; the requests already running
@@ -21,7 +22,7 @@
 //! 0, as the virtio spec allows, knows the device no longer writes into its old buffers.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,13 @@ use crate::guest_memory::GuestMemory;
 use crate::interrupt;
 use crate::jobs::{GeometryPrefetch, IoPool, WorkerPool};
 use crate::{Error, Result, SECTOR_SIZE};
+
+/// Backend operations mostly slower than this are blocking I/O: run requests in parallel.
+pub const SLOW_NS: u64 = 10_000;
+/// Used-buffer notifications a runner may hold back while it works through fast requests.
+const MAX_DEFERRED: u32 = 32;
+/// Runners started by one call at most (new runners start more).
+const WAKE_BATCH: usize = 8;
 
 /// How the device is built (API.md names; `features` and `max_in_flight` are extras).
 #[derive(Debug, Clone, Default)]
@@ -97,13 +105,16 @@ struct QueueSlot {
     /// Backend operations of older generations still running (their results are dropped).
     old_running: usize,
     runners: usize,
-    /// A runner was started and has not claimed its first request yet.
-    starting: bool,
+    /// Runners started that have not claimed their first request yet.
+    starting: usize,
     /// Heads popped and not yet returned (§6 row 21).
     in_flight: Vec<bool>,
     in_flight_count: usize,
     /// Notified while the device was stopped: processed at start().
     deferred: bool,
+    /// Used-buffer notifications decided but not yet raised (coalesced while this queue's
+    /// fast requests keep a runner busy).
+    irq_deferred: u32,
 }
 
 impl QueueSlot {
@@ -115,10 +126,11 @@ impl QueueSlot {
             running: 0,
             old_running: 0,
             runners: 0,
-            starting: false,
+            starting: 0,
             in_flight: vec![false; usize::from(max)],
             in_flight_count: 0,
             deferred: false,
+            irq_deferred: 0,
         }
     }
 
@@ -131,6 +143,7 @@ impl QueueSlot {
         self.in_flight.fill(false);
         self.in_flight_count = 0;
         self.deferred = false;
+        self.irq_deferred = 0;
     }
 }
 
@@ -144,7 +157,6 @@ struct State {
     driver_features: u64,
     queue_sel: u32,
     shm_sel: u32,
-    isr: u32,
     config_gen: u32,
     writeback: u8,
     queues: Vec<QueueSlot>,
@@ -152,6 +164,9 @@ struct State {
     stopped: bool,
     /// Backend operations running, every generation.
     busy: usize,
+    /// Threads in `wait_irq` / `drain` (a condvar notify is a syscall: skip it without them).
+    irq_waiters: usize,
+    idle_waiters: usize,
     stats: VirtioStats,
     scratch: Chain,
 }
@@ -166,8 +181,16 @@ struct Shared {
     offered: u64,
     queue_max: u16,
     cap: usize,
+    /// Runners per queue while backend operations are fast.
+    fast_cap: usize,
+    /// Moving share (x1024) of backend operations that took longer than [`SLOW_NS`].
+    slow_share: AtomicU64,
     serial: [u8; ID_LEN],
     state: Mutex<State>,
+    /// InterruptStatus: an atomic, so that reading and acknowledging it (what a driver does
+    /// after every interrupt) never contends with the runners for the state lock. It is set
+    /// under the state lock, so `wait_irq` (which sleeps under it) cannot miss an edge.
+    isr: AtomicU32,
     irq_cv: Condvar,
     idle_cv: Condvar,
 }
@@ -263,6 +286,10 @@ impl VirtioBlk {
             offered,
             queue_max,
             cap,
+            fast_cap: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .clamp(1, cap),
+            slow_share: AtomicU64::new(0),
             serial: id,
             state: Mutex::new(State {
                 status: 0,
@@ -272,16 +299,18 @@ impl VirtioBlk {
                 driver_features: 0,
                 queue_sel: 0,
                 shm_sel: 0,
-                isr: 0,
                 config_gen: 0,
                 writeback: 1,
                 queues,
                 broken: false,
                 stopped: false,
                 busy: 0,
+                irq_waiters: 0,
+                idle_waiters: 0,
                 stats: VirtioStats::default(),
                 scratch: Chain::default(),
             }),
+            isr: AtomicU32::new(0),
             irq_cv: Condvar::new(),
             idle_cv: Condvar::new(),
         });
@@ -338,7 +367,7 @@ impl VirtioBlk {
 
     /// InterruptStatus != 0 (the level of the interrupt line).
     pub fn irq(&self) -> bool {
-        self.shared.lock().isr != 0
+        self.shared.isr.load(Ordering::Acquire) != 0
     }
 
     /// Register read. `offset`/`size` are checked ([`check_access`]); guest-visible
@@ -346,6 +375,9 @@ impl VirtioBlk {
     pub fn mmio_read(&self, offset: u32, size: u32) -> Result<u32> {
         check_access(offset, size)?;
         let sh = &self.shared;
+        if offset == R_INTERRUPT_STATUS {
+            return Ok(sh.isr.load(Ordering::Acquire));
+        }
         let mut after = After::default();
         let v = {
             let mut st = sh.lock();
@@ -359,6 +391,10 @@ impl VirtioBlk {
     pub fn mmio_write(&self, offset: u32, value: u32, size: u32) -> Result<()> {
         check_access(offset, size)?;
         let sh = &self.shared;
+        if offset == R_INTERRUPT_ACK {
+            sh.isr.fetch_and(!value, Ordering::AcqRel);
+            return Ok(());
+        }
         let mut after = After::default();
         {
             let mut st = sh.lock();
@@ -372,10 +408,13 @@ impl VirtioBlk {
     /// Interruptible (Ctrl-C through the interrupt hook).
     pub fn wait_irq(&self, timeout: Option<Duration>) -> Result<bool> {
         let sh = &self.shared;
+        if sh.isr.load(Ordering::Acquire) != 0 {
+            return Ok(true);
+        }
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = sh.lock();
         loop {
-            if st.isr != 0 {
+            if sh.isr.load(Ordering::Acquire) != 0 {
                 return Ok(true);
             }
             let mut step = interrupt::POLL;
@@ -386,12 +425,14 @@ impl VirtioBlk {
                 }
                 step = step.min(left);
             }
+            st.irq_waiters += 1;
             st = sh
                 .irq_cv
                 .wait_timeout(st, step)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
-            if st.isr == 0 {
+            st.irq_waiters -= 1;
+            if sh.isr.load(Ordering::Acquire) == 0 {
                 drop(st);
                 interrupt::check()?;
                 st = sh.lock();
@@ -443,11 +484,13 @@ impl VirtioBlk {
                 }
                 step = step.min(left);
             }
+            st.idle_waiters += 1;
             st = sh
                 .idle_cv
                 .wait_timeout(st, step)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+            st.idle_waiters -= 1;
             drop(st);
             interrupt::check()?;
             st = sh.lock();
@@ -468,6 +511,18 @@ impl VirtioBlk {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    fn wake_irq(&self, st: &State) {
+        if st.irq_waiters > 0 {
+            self.irq_cv.notify_all();
+        }
+    }
+
+    fn wake_idle(&self, st: &State) {
+        if st.idle_waiters > 0 {
+            self.idle_cv.notify_all();
+        }
     }
 
     fn after(self: &Arc<Self>, after: After) {
@@ -511,9 +566,9 @@ impl Shared {
     fn config_changed(&self, st: &mut State) {
         st.config_gen = st.config_gen.wrapping_add(1);
         if st.status & st_bits::DRIVER_OK != 0 {
-            st.isr |= INT_CONFIG;
+            self.isr.fetch_or(INT_CONFIG, Ordering::AcqRel);
             st.stats.config_interrupts += 1;
-            self.irq_cv.notify_all();
+            self.wake_irq(st);
         }
     }
 
@@ -530,7 +585,7 @@ impl Shared {
             q.pending.clear();
         }
         self.config_changed(st);
-        self.idle_cv.notify_all();
+        self.wake_idle(st);
     }
 
     fn negotiated(&self, st: &State, bit: u64) -> bool {
@@ -569,7 +624,7 @@ impl Shared {
             R_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.q.max_size)),
             R_QUEUE_READY => q.map_or(0, |q| u32::from(q.q.ready)),
             R_QUEUE_RESET => q.map_or(0, |q| u32::from(q.old_running > 0)),
-            R_INTERRUPT_STATUS => st.isr,
+            R_INTERRUPT_STATUS => self.isr.load(Ordering::Acquire),
             R_STATUS => if st.status == 0 && st.queues.iter().any(|q| q.old_running > 0) {
                 st.status_before_reset.max(st_bits::ACKNOWLEDGE)
             } else {
@@ -661,14 +716,16 @@ impl Shared {
                 }
             }
             R_QUEUE_NOTIFY => self.notify_reg(st, value, after),
-            R_INTERRUPT_ACK => st.isr &= !value,
+            R_INTERRUPT_ACK => {
+                self.isr.fetch_and(!value, Ordering::AcqRel);
+            }
             R_STATUS => self.write_status(st, value as u8),
             R_QUEUE_RESET if value == 1 && self.negotiated(st, f::RING_RESET) => {
                 if let Some(slot) = st.queues.get_mut(sel) {
                     slot.cut_off();
                     slot.q.reset();
                 }
-                self.idle_cv.notify_all();
+                self.wake_idle(st);
             }
             o if o >= R_CONFIG => {
                 let off = (o - R_CONFIG) as usize;
@@ -737,7 +794,7 @@ impl Shared {
             slot.q.reset();
         }
         st.status = 0;
-        st.isr = 0;
+        self.isr.store(0, Ordering::Release);
         st.device_features_sel = 0;
         st.driver_features_sel = 0;
         st.driver_features = 0;
@@ -745,7 +802,7 @@ impl Shared {
         st.shm_sel = 0;
         st.writeback = 1;
         st.broken = false;
-        self.idle_cv.notify_all();
+        self.wake_idle(st);
     }
 
     fn notify_reg(&self, st: &mut State, value: u32, after: &mut After) {
@@ -786,6 +843,8 @@ impl Shared {
             self.fatal(st, format!("queue {qi}: {reason}"));
             return;
         }
+        // Completions made right here (no storage) are raised now unless runners follow.
+        self.deliver(st, qi, false);
         self.want_runner(st, qi, after);
     }
 
@@ -875,17 +934,39 @@ impl Shared {
         Ok(())
     }
 
-    /// Asks for one more runner if requests wait, none is starting, and the cap allows.
+    /// Starts runners for waiting requests. Fast backend operations (page cache, memory:
+    /// mostly under [`SLOW_NS`]) get one more runner at a time and at most
+    /// `fast_cap`, so a CPU-bound workload does not drown 2 cores in context switches; slow
+    /// ones (blocking device I/O) get a runner per waiting request up to the in-flight cap,
+    /// at most [`WAKE_BATCH`] per call (each new runner tops up again when it starts).
     fn want_runner(&self, st: &mut State, qi: usize, after: &mut After) {
+        let slow = self.slow_share.load(Ordering::Relaxed) > 512;
+        let (limit, per_call, max_starting) = if slow {
+            (self.cap, WAKE_BATCH, usize::MAX)
+        } else {
+            (self.fast_cap, 1, 1)
+        };
         let slot = &mut st.queues[qi];
-        if !slot.pending.is_empty() && !slot.starting && slot.runners < self.cap {
+        let mut n = 0;
+        while n < per_call
+            && slot.starting < slot.pending.len()
+            && slot.starting < max_starting
+            && slot.runners < limit
+        {
             slot.runners += 1;
-            slot.starting = true;
+            slot.starting += 1;
             after.runners.push(qi);
+            n += 1;
         }
     }
 
     /// Returns a chain: status byte, used element, used.idx; then the notification decision.
+    ///
+    /// The notification decision (NO_INTERRUPT, or need_event with EVENT_IDX) is taken here,
+    /// for this used.idx. Raising it is coalesced: while fast requests of the queue are still
+    /// pending, the runner keeps going and raises InterruptStatus when the pending list runs
+    /// empty or [`MAX_DEFERRED`] decisions have piled up (QEMU's dataplane coalesces its
+    /// guest notifications the same way); slow requests raise at once.
     fn publish(&self, st: &mut State, qi: usize, head: u16, status: Option<(u64, u8)>, len: u32) {
         let mem = &*self.memory;
         if let Some((addr, s)) = status {
@@ -904,19 +985,35 @@ impl Shared {
         st.stats.requests_completed += 1;
         match slot.q.should_notify(mem) {
             Ok(true) => {
-                st.isr |= INT_USED;
+                slot.irq_deferred += 1;
                 st.stats.notifications += 1;
-                self.irq_cv.notify_all();
             }
             Ok(false) => {}
             Err(e) => self.fatal(st, format!("queue {qi}: avail ring unreadable: {e}")),
         }
     }
 
+    /// Raises the used-buffer notifications decided for queue `qi`, unless the queue's fast
+    /// requests are still being worked through (see [`publish`](Self::publish)).
+    fn deliver(&self, st: &mut State, qi: usize, force: bool) {
+        let slot = &mut st.queues[qi];
+        if slot.irq_deferred == 0
+            || !(force || slot.pending.is_empty() || slot.irq_deferred >= MAX_DEFERRED)
+        {
+            return;
+        }
+        slot.irq_deferred = 0;
+        let was = self.isr.fetch_or(INT_USED, Ordering::AcqRel);
+        if was == 0 {
+            // Waiters wait for a non-zero InterruptStatus: wake them on the edge only.
+            self.wake_irq(st);
+        }
+    }
+
     /// A runner: claims pending requests of queue `qi` one at a time until none is left.
     fn run_queue(self: Arc<Self>, qi: usize) {
         let mut st = self.lock();
-        st.queues[qi].starting = false;
+        st.queues[qi].starting -= 1;
         loop {
             let slot = &mut st.queues[qi];
             let Some(p) = slot.pending.pop_front() else {
@@ -931,24 +1028,34 @@ impl Shared {
             self.want_runner(&mut st, qi, &mut after);
             drop(st);
             self.after(after);
+            let t0 = Instant::now();
             let (status, used) = self.execute(&p.work, writeback);
+            let slow_op = t0.elapsed() >= Duration::from_nanos(SLOW_NS);
+            // Moving share of slow operations (x1024): a preempted page-cache read now and
+            // then does not switch the device into parallel mode, blocking I/O does.
+            let frac = self.slow_share.load(Ordering::Relaxed);
+            let frac = frac - frac / 16 + if slow_op { 1024 / 16 } else { 0 };
+            self.slow_share.store(frac, Ordering::Relaxed);
             st = self.lock();
             st.busy -= 1;
             let slot = &mut st.queues[qi];
             if slot.gen != gen {
                 slot.old_running -= 1;
+                if slot.old_running == 0 {
+                    // A reset waiting for its old operations may read 0 now.
+                    self.wake_idle(&st);
+                }
             } else {
                 slot.running -= 1;
                 if !st.broken {
                     self.publish(&mut st, qi, p.head, Some((p.status_addr, status)), used);
+                    self.deliver(&mut st, qi, slow_op);
                 }
             }
-            if st.busy == 0 || st.queues[qi].old_running == 0 {
-                self.idle_cv.notify_all();
-            }
         }
-        drop(st);
-        self.idle_cv.notify_all();
+        if st.busy == 0 && st.queues.iter().all(|q| q.pending.is_empty()) {
+            self.wake_idle(&st);
+        }
     }
 
     /// Runs one request on the node: (status, used length).
