@@ -833,6 +833,24 @@ def p_big_requests(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
     )
 
 
+def p_event_idx_wrap(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+    """§10 #22 on both: used.idx driven to 65530 by batches of cheap reads, then
+    used_event = 65534 and 10 requests: one notification, used.idx wraps to 4."""
+    n = 120
+    d.prepare_reads(n, 512)
+    done = 0
+    while done < 65530:
+        k = min(n, 65530 - done)
+        assert d.resubmit([8] * k) == bytes(k)
+        done += k
+    d.release_reads()
+    rec.add("used", d.used_idx())
+    d.ack_interrupts()
+    observe(rec, d, "wrap", [Request(v.T_IN, i, in_len=512) for i in range(10)], used_event=65534)
+    rec.add("after", (d.used_idx(), d.avail_event()))
+    observe(rec, d, "no-cross", [Request(v.T_IN, 0, in_len=512)], used_event=2)
+
+
 def register_details(t: Any) -> dict[str, Any]:
     """Register-level details outside the spec's policy table."""
     out: dict[str, Any] = {"ConfigGeneration at start": t.mmio_read(v.REG_CONFIG_GENERATION)}
@@ -895,6 +913,7 @@ PROGRAMS: dict[str, tuple[Program, dict[str, Any]]] = {
     "avail-event": (p_avail_event, {}),
     "queue-policies": (p_queue_policies, {}),
     "big-requests": (p_big_requests, {}),
+    "event-idx-wrap": (p_event_idx_wrap, {}),
     **{
         f"random-{seed}": (
             make_random_program(seed),
