@@ -676,6 +676,8 @@ class VirtioBlkDriver:
         else:
             raise ValueError(f"mode {req.mode!r}")
         ndirect = len(direct) + (1 if inner else 0)
+        if ndirect == 0:
+            raise ValueError("a request needs at least one descriptor")
         idx = self._take_descs(ndirect)
         sub.descs = idx
         sub.head = idx[0]
