@@ -196,9 +196,8 @@ def test_05_config(drv: VirtioBlkDriver) -> None:
 
 
 def test_05_config_unused1_reads_zero(drv: VirtioBlkDriver) -> None:
-    """§10 #5: with WRITE_ZEROES offered, bytes 0x139-0x13B (unused1) read 0. The device, like
-    QEMU, ends its config space after write_zeroes_may_unmap (57 bytes) and reads all-ones
-    there: spec and QEMU disagree (reported)."""
+    """§10 #5: with WRITE_ZEROES offered, bytes 0x139-0x13B (unused1) read 0 (QEMU ends its
+    config space at 57 bytes and reads all ones there: the differential test names it)."""
     assert drv.device_features & v.F_WRITE_ZEROES
     assert [drv.config_read(o, 1) for o in (0x39, 0x3A, 0x3B)] == [0, 0, 0]
 

@@ -138,7 +138,9 @@ impl PyVirtioBlk {
         self.inner.needs_reset_reason()
     }
 
-    /// Register read; offsets below 0x100 take size 4, the config space 1, 2 or 4.
+    /// Register read of 1, 2 or 4 bytes inside the 0x200-byte window. Registers below 0x100
+    /// take aligned 32-bit accesses: a narrower or misaligned one reads 0 (writes are ignored),
+    /// as on QEMU.
     #[pyo3(signature = (offset, size = NonNeg(4)), text_signature = "($self, offset, size=4)")]
     fn mmio_read(&self, offset: NonNeg, size: NonNeg) -> PyResult<u32> {
         let offset = u32_arg("offset", offset, 0x1ff)?;

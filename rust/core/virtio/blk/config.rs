@@ -1,9 +1,10 @@
 //! The virtio-blk config space (§2), regenerated on every access like QEMU's.
 //!
-//! Its length depends on what is offered (QEMU 7.2, checked with qtest): 36 bytes
-//! (up to `max_discard_sectors`), 48 with DISCARD, 57 with WRITE_ZEROES (up to
-//! `write_zeroes_may_unmap`). An access that runs past the end reads all ones, cut to the
-//! access width; writes change only `writeback`.
+//! Its length depends on what is offered: 36 bytes (up to `max_discard_sectors`), 48 with
+//! DISCARD, 60 with WRITE_ZEROES (through `unused1`, which the virtio spec says the device
+//! initialises to 0; QEMU 7.2 stops at `write_zeroes_may_unmap`, 57 bytes, and reads 0xff
+//! there). An access that runs past the end reads all ones, cut to the access width; writes
+//! change only `writeback`.
 
 use super::super::features as f;
 use super::request::{MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS};
@@ -29,7 +30,7 @@ pub struct ConfigValues {
 /// Config length for the offered features.
 pub fn config_len(offered: u64) -> usize {
     if offered & f::BLK_WRITE_ZEROES != 0 {
-        57
+        60
     } else if offered & f::BLK_DISCARD != 0 {
         48
     } else {
@@ -115,16 +116,19 @@ mod tests {
         let offered = f::QEMU_DEFAULT;
         let c = build(&v, offered);
         let len = config_len(offered);
-        assert_eq!(len, 57);
+        assert_eq!(len, 60);
         assert_eq!(read(&c, len, 0, 4), 0x20000);
         assert_eq!(read(&c, len, 0x0c, 4), 0xfe);
         assert_eq!(read(&c, len, 0x10, 4), 0x3f10_0082);
         assert_eq!(read(&c, len, 0x20, 4), 0x0001_0001);
         assert_eq!(read(&c, len, 0x24, 4), 0x3f_ffff);
         assert_eq!(read(&c, len, 0x38, 1), 1);
-        assert_eq!(read(&c, len, 0x38, 4), u32::MAX);
-        assert_eq!(read(&c, len, 0x39, 1), 0xff);
+        // unused1 reads 0 (QEMU: past its end, all ones); past 60 bytes, all ones.
+        assert_eq!(read(&c, len, 0x38, 4), 1);
+        assert_eq!(read(&c, len, 0x39, 1), 0);
+        assert_eq!(read(&c, len, 0x3b, 1), 0);
         assert_eq!(read(&c, len, 0x3b, 2), 0xffff);
+        assert_eq!(read(&c, len, 0x3c, 1), 0xff);
         assert_eq!(config_len(offered & !f::BLK_WRITE_ZEROES), 48);
         assert_eq!(
             config_len(offered & !f::BLK_WRITE_ZEROES & !f::BLK_DISCARD),

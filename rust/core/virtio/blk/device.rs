@@ -376,6 +376,9 @@ impl VirtioBlk {
     /// semantics follow QEMU's virtio-mmio (write-only and unknown registers read 0).
     pub fn mmio_read(&self, offset: u32, size: u32) -> Result<u32> {
         check_access(offset, size)?;
+        if is_register_misuse(offset, size) {
+            return Ok(0);
+        }
         let sh = &self.shared;
         if offset == R_INTERRUPT_STATUS {
             return Ok(sh.isr.load(Ordering::Acquire));
@@ -392,6 +395,9 @@ impl VirtioBlk {
     /// Register write. Guest misuse has a defined outcome and is never an error.
     pub fn mmio_write(&self, offset: u32, value: u32, size: u32) -> Result<()> {
         check_access(offset, size)?;
+        if is_register_misuse(offset, size) {
+            return Ok(());
+        }
         let sh = &self.shared;
         if offset == R_INTERRUPT_ACK {
             sh.isr.fetch_and(!value, Ordering::AcqRel);
