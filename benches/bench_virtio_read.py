@@ -2,10 +2,13 @@
 Python os.pread loop on the same file, in the same run.
 
 (a) page cache: a file in /dev/shm, ``open_image(cache="writeback")``; VirtioBlkDriver's fast
-    path (prepare_reads/resubmit) submits 128 reads per notify; baselines: fio
+    path (chains laid out once by prepare_reads; submit_prepared rewrites only the sectors and
+    the avail ring) submits 128 reads per notify, two such batches in turn so that the driver
+    prepares one while the device runs the other; baselines: fio
     ``--ioengine=psync`` (one thread) and an os.pread loop.
 (b) O_DIRECT: a file under the repository's directory (on the real disk), page cache dropped
-    for it (POSIX_FADV_DONTNEED), ``open_image(cache="none")``, batches of 32 (queue depth 32);
+    for it (POSIX_FADV_DONTNEED), ``open_image(cache="none")``, 32 reads kept in flight
+    (each completion re-submitted at once, as fio's iodepth does);
     baselines: fio ``--ioengine=libaio --iodepth=32 --direct=1`` and an O_DIRECT os.pread loop
     (queue depth 1, for reference).
 
@@ -58,7 +61,13 @@ def drop_cache(path: Path) -> None:
         os.close(fd)
 
 
-def bench_blockemu(path: Path, size: int, batch: int, seconds: float, cache: str) -> float | None:
+def bench_blockemu(
+    path: Path, size: int, batch: int, seconds: float, cache: str, mode: str
+) -> float | None:
+    """``mode`` "batches": two groups of ``batch`` prepared chains, each submitted with one
+    notify; while the device works on one group the driver re-submits the other (at most
+    2 x ``batch`` in flight). "depth": exactly ``batch`` reads in flight, each completion
+    re-submitted at once with a new sector (fio's iodepth)."""
     if not hasattr(blockemu, "VirtioBlk"):
         return None
     node = blockemu.open_image(str(path), readonly=True, cache=cache)
@@ -68,36 +77,75 @@ def bench_blockemu(path: Path, size: int, batch: int, seconds: float, cache: str
     try:
         d = VirtioBlkDriver(dev, mem)
         d.probe()
-        d.prepare_reads(batch, BS)
+        groups = 2 if mode == "batches" else 1
+        d.prepare_reads(groups * batch, BS)
         rng = random.Random(7)
         blocks = size // BS
         ok = bytes(batch)
-        # Correctness flag on a first batch.
+        # Correctness check on a first batch.
         sectors = [rng.randrange(blocks) * 8 for _ in range(batch)]
         assert d.resubmit(sectors) == ok
         with open(path, "rb") as f:
             f.seek(sectors[0] * 512)
             assert d.fast_data(0) == f.read(BS)
         pool = [rng.randrange(blocks) * 8 for _ in range(1 << 16)]
-        n = 0
-        t0 = time.perf_counter()
-        end = t0 + seconds
-        pos = 0
-        resubmit = d.resubmit
-        while True:
-            if pos + batch > len(pool):
-                pos = 0
-            st = resubmit(pool[pos : pos + batch])
-            if st != ok:
-                raise RuntimeError(f"read failed: statuses {st.hex()}")
-            pos += batch
-            n += batch
-            if n % (batch * 32) == 0 and time.perf_counter() > end:
-                break
-        return n / (time.perf_counter() - t0)
+        if mode == "batches":
+            n = _run_batches(d, pool, batch, seconds)
+        else:
+            n = _run_depth(d, pool, batch, seconds)
+        return n
     finally:
         dev.stop()
         node.close()
+
+
+def _run_batches(d: VirtioBlkDriver, pool: list[int], batch: int, seconds: float) -> float:
+    submit, reap, statuses = d.submit_prepared, d.reap_prepared, d.prepared_statuses
+    ok = bytes(batch)
+    done = [0, 0]
+    pos = 0
+    n = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    submit(0, pool[0:batch])
+    cur = 1
+    while True:
+        pos = (pos + batch) % (len(pool) - batch)
+        submit(cur * batch, pool[pos : pos + batch])
+        # Wait for the other group: every one of its chains reaped.
+        other = 1 - cur
+        while done[other] < batch:
+            for i in reap(1):
+                done[i // batch] += 1
+        if statuses(other * batch, batch) != ok:
+            raise RuntimeError("read failed")
+        done[other] = 0
+        n += batch
+        cur = other
+        if n % (batch * 32) == 0 and time.perf_counter() > end:
+            break
+    while done[1 - cur] < batch:
+        for i in reap(1):
+            done[i // batch] += 1
+    return (n + batch) / (time.perf_counter() - t0)
+
+
+def _run_depth(d: VirtioBlkDriver, pool: list[int], depth: int, seconds: float) -> float:
+    submit_ids, reap = d.submit_prepared_ids, d.reap_prepared
+    n = 0
+    pos = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    d.submit_prepared(0, pool[0:depth])
+    while True:
+        ids = reap(1)
+        n += len(ids)
+        pos = (pos + len(ids)) % (len(pool) - depth)
+        submit_ids(ids, pool[pos : pos + len(ids)])
+        if time.perf_counter() > end:
+            break
+    reap(depth)
+    return n / (time.perf_counter() - t0)
 
 
 def bench_pread(path: Path, size: int, seconds: float, direct: bool) -> float:
@@ -196,7 +244,7 @@ def main() -> None:
         make_file(path, size)
         ours, fio, pread = interleaved(
             args.rounds,
-            lambda: bench_blockemu(path, size, 128, seconds, "writeback"),
+            lambda: bench_blockemu(path, size, 128, seconds, "writeback", "batches"),
             lambda: bench_fio(path, seconds, "psync", 1, False),
             lambda: bench_pread(path, size, seconds, False),
         )
@@ -217,7 +265,7 @@ def main() -> None:
         drop_cache(path)
         ours, fio, pread = interleaved(
             args.rounds,
-            lambda: bench_blockemu(path, size, 32, seconds, "none"),
+            lambda: bench_blockemu(path, size, 32, seconds, "none", "depth"),
             lambda: bench_fio(path, seconds, "libaio", 32, True),
             lambda: bench_pread(path, size, seconds, True),
         )

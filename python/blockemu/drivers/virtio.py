@@ -871,6 +871,31 @@ class VirtioBlkDriver:
             raise VirtioError("call prepare_reads first")
         return self._fast.run(sectors)
 
+    def submit_prepared(self, first: int, sectors: Sequence[int]) -> None:
+        """Submits prepared chains ``first``, ``first + 1``, ... reading ``sectors`` with one
+        avail.idx update and one notify, without waiting (pipelining: submit the next batch
+        while the device works on this one; :meth:`reap_prepared` collects them)."""
+        self._prepared().submit(first, sectors)
+
+    def submit_prepared_ids(self, ids: Sequence[int], sectors: Sequence[int]) -> None:
+        """Like :meth:`submit_prepared` for any set of (reaped) chain ids."""
+        self._prepared().submit_ids(ids, sectors)
+
+    def reap_prepared(self, min_count: int = 1) -> list[int]:
+        """Waits until at least ``min_count`` submitted prepared chains completed and returns the
+        ids of every one that did, in completion order; their status bytes are
+        :meth:`prepared_statuses`."""
+        return self._prepared().reap(min_count)
+
+    def prepared_statuses(self, first: int, count: int) -> bytes:
+        """The status bytes of prepared chains ``first`` .. ``first + count - 1``."""
+        return self._prepared().statuses_of(first, count)
+
+    def _prepared(self) -> _FastReads:
+        if self._fast is None:
+            raise VirtioError("call prepare_reads first")
+        return self._fast
+
     def release_reads(self) -> None:
         """Gives the prepared chains' descriptors and buffers back (the queue must be idle)."""
         if self._fast is not None:
@@ -887,6 +912,9 @@ class VirtioBlkDriver:
 
 
 class _FastReads:
+    """The prepared read chains: chain ``i`` is descriptors 3i..3i+2 (header, data, status),
+    its header at ``headers + 16 i``, its status byte at ``statuses + i``."""
+
     def __init__(
         self, drv: VirtioBlkDriver, n: int, length: int, headers: int, statuses: int, data: int
     ) -> None:
@@ -904,65 +932,136 @@ class _FastReads:
         self.avail_ring = lay.avail + 4
         self.avail_idx_addr = lay.avail + 2
         self.used_event_addr = lay.avail + 4 + 2 * drv.queue_size
+        self.used_ring = lay.used + 4
         self.used_idx_addr = lay.used + 2
         self.wait_irq: Callable[[float], bool] = drv.device.wait_irq
         self.mmio_write = drv.device.mmio_write
-        self._structs: dict[int, struct.Struct] = {}
+        self._structs: dict[tuple[str, int], struct.Struct] = {}
+        self.outstanding = 0
 
-    def _headers_struct(self, k: int) -> struct.Struct:
-        st = self._structs.get(k)
+    def _struct(self, fmt: str, k: int) -> struct.Struct:
+        st = self._structs.get((fmt, k))
         if st is None:
-            st = self._structs[k] = struct.Struct("<" + "8xQ" * k)
+            st = self._structs[(fmt, k)] = struct.Struct("<" + fmt * k)
         return st
 
-    def run(self, sectors: Sequence[int]) -> bytes:
+    def _expose(self, heads: Sequence[int]) -> None:
+        """Puts ``heads`` in the avail ring, publishes them with one avail.idx update and
+        notifies once."""
         drv = self.drv
-        k = len(sectors)
-        if k > self.n:
-            raise ValueError(f"{k} sectors for {self.n} prepared chains")
+        k = len(heads)
         q = drv.queue_size
         start = drv.avail_idx
-        slot = start % q
-        first = min(k, q - slot)
+        new_idx = (start + k) & 0xFFFF
+        view = self.view
+        if view is not None:
+            slot = start % q
+            first = min(k, q - slot)
+            self._struct("H", first).pack_into(view, self.avail_ring + 2 * slot, *heads[:first])
+            if first < k:
+                self._struct("H", k - first).pack_into(view, self.avail_ring, *heads[first:])
+            struct.pack_into("<H", view, self.avail_idx_addr, new_idx)
+        else:
+            drv.expose(heads, bump=False)
+            drv.mem.pack("<H", self.avail_idx_addr, new_idx)
+        drv.avail_idx = new_idx
+        self.outstanding += k
+        self.mmio_write(REG_QUEUE_NOTIFY, drv.queue, 4)
+
+    def submit(self, first: int, sectors: Sequence[int]) -> None:
+        """Submits chains ``first``, ``first + 1``, ... with ``sectors`` (one notify)."""
+        k = len(sectors)
+        if first < 0 or first + k > self.n:
+            raise ValueError(f"chains {first}..{first + k - 1} of {self.n} prepared")
+        if self.outstanding + k > self.n:
+            raise VirtioError("more chains submitted than prepared: reap first")
         view = self.view
         if view is not None:
             # Every header is {IN = 0, reserved 0, sector}: one pack writes all k of them.
-            self._headers_struct(k).pack_into(view, self.headers, *sectors)
-            view[self.statuses : self.statuses + k] = self.ff[:k]
-            struct.pack_into(f"<{first}H", view, self.avail_ring + 2 * slot, *self.heads[:first])
-            if first < k:
-                struct.pack_into(f"<{k - first}H", view, self.avail_ring, *self.heads[first:k])
-            new_idx = (start + k) & 0xFFFF
-            if self.event_idx:
-                struct.pack_into("<H", view, self.used_event_addr, (drv.last_used + k - 1) & 0xFFFF)
-            struct.pack_into("<H", view, self.avail_idx_addr, new_idx)
+            self._struct("8xQ", k).pack_into(view, self.headers + 16 * first, *sectors)
+            view[self.statuses + first : self.statuses + first + k] = self.ff[:k]
         else:
-            mem = drv.mem
-            for i, s in enumerate(sectors):
-                mem.pack("<Q", self.headers + 16 * i + 8, s)
-            mem.write(self.statuses, self.ff[:k])
-            drv.expose(self.heads[:k], bump=False)
-            if self.event_idx:
-                drv.set_used_event(drv.last_used + k - 1)
-            new_idx = (start + k) & 0xFFFF
-            mem.pack("<H", self.avail_idx_addr, new_idx)
-        drv.avail_idx = new_idx
-        self.mmio_write(REG_QUEUE_NOTIFY, drv.queue, 4)
-        target = (drv.last_used + k) & 0xFFFF
+            mem = self.drv.mem
+            for i, sec in enumerate(sectors):
+                mem.pack("<Q", self.headers + 16 * (first + i) + 8, sec)
+            mem.write(self.statuses + first, self.ff[:k])
+        self._expose(self.heads[first : first + k])
+
+    def submit_ids(self, ids: Sequence[int], sectors: Sequence[int]) -> None:
+        """Submits the chains ``ids`` (any order) with ``sectors`` (one notify)."""
+        if len(ids) != len(sectors):
+            raise ValueError("one sector per chain")
+        if self.outstanding + len(ids) > self.n:
+            raise VirtioError("more chains submitted than prepared: reap first")
+        mem = self.drv.mem
+        for i, sec in zip(ids, sectors, strict=True):
+            if not 0 <= i < self.n:
+                raise ValueError(f"chain {i} of {self.n} prepared")
+            mem.pack("<Q", self.headers + 16 * i + 8, sec)
+            mem.pack("<B", self.statuses + i, 0xFF)
+        self._expose([3 * i for i in ids])
+
+    def _wait(self, count: int) -> int:
+        """Waits until ``count`` used elements are new; returns how many are."""
+        drv = self.drv
+        view = self.view
+        if self.event_idx:
+            # Interrupt once, when the count-th completion is published.
+            drv.set_used_event(drv.last_used + count - 1)
         deadline = time.monotonic() + drv.timeout
         while True:
+            used: int
             if view is not None:
-                used = struct.unpack_from("<H", view, self.used_idx_addr)[0]
+                (used,) = struct.unpack_from("<H", view, self.used_idx_addr)
             else:
                 used = drv.used_idx()
-            if (used - drv.last_used) & 0xFFFF >= k:
-                break
+            ready = (used - drv.last_used) & 0xFFFF
+            if ready >= count:
+                return ready
             if time.monotonic() > deadline:
                 status = drv.device_status
                 if status & S_NEEDS_RESET:
                     raise VirtioNeedsReset("device needs reset", device_status=status)
-                raise VirtioTimeoutError(f"batch of {k} reads did not complete")
+                raise VirtioTimeoutError(f"{ready} of {count} prepared reads completed")
             self.wait_irq(0.05)
-        drv.last_used = target
-        self.mmio_write(REG_INTERRUPT_ACK, INT_USED, 4)
+            # A configuration change (the geometry became known) is acknowledged too: the
+            # line is level-triggered and would keep wait_irq from sleeping.
+            self.mmio_write(REG_INTERRUPT_ACK, INT_USED | INT_CONFIG, 4)
+
+    def reap(self, min_count: int = 1) -> list[int]:
+        """Waits until at least ``min_count`` submitted chains completed; returns the ids of all
+        that did (in completion order), which may then be submitted again."""
+        if not 0 < min_count <= self.outstanding:
+            raise ValueError(f"min_count {min_count} with {self.outstanding} outstanding")
+        drv = self.drv
+        ready = self._wait(min_count)
+        q = drv.queue_size
+        slot = drv.last_used % q
+        first = min(ready, q - slot)
+        view = self.view
+        if view is not None:
+            words = self._struct("I4x", first).unpack_from(view, self.used_ring + 8 * slot)
+            if first < ready:
+                words += self._struct("I4x", ready - first).unpack_from(view, self.used_ring)
+            ids = [w // 3 for w in words]
+        else:
+            ids = [e.id // 3 for e in drv.read_used(drv.last_used, ready)]
+        drv.last_used = (drv.last_used + ready) & 0xFFFF
+        self.outstanding -= ready
+        return ids
+
+    def statuses_of(self, first: int, k: int) -> bytes:
+        return self.drv.mem.read(self.statuses + first, k)
+
+    def run(self, sectors: Sequence[int]) -> bytes:
+        if self.outstanding:
+            raise VirtioError("resubmit needs every prepared chain reaped")
+        k = len(sectors)
+        if k > self.n:
+            raise ValueError(f"{k} sectors for {self.n} prepared chains")
+        self.submit(0, sectors)
+        ready = self._wait(k)
+        drv = self.drv
+        drv.last_used = (drv.last_used + ready) & 0xFFFF
+        self.outstanding = 0
         return drv.mem.read(self.statuses, k)
