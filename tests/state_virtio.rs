@@ -101,6 +101,8 @@ fn geometry_travels_and_nothing_reads_the_mbr() {
     assert_eq!(dst.node.stats().reads, 3, "the three requests, no sector 0");
 }
 
+type Edit = Box<dyn Fn(&mut VirtioImage)>;
+
 fn tamper(data: &[u8], f: impl Fn(&mut VirtioImage)) -> Vec<u8> {
     let sections = stream::parse(data).unwrap();
     let mut out = Vec::new();
@@ -131,7 +133,7 @@ fn tamper(data: &[u8], f: impl Fn(&mut VirtioImage)) -> Vec<u8> {
 #[test]
 fn restored_queues_are_validated() {
     let (_, data) = source_with_pending(0);
-    let cases: Vec<(&str, Box<dyn Fn(&mut VirtioImage)>)> = vec![
+    let cases: Vec<(&str, Edit)> = vec![
         ("size 15", Box::new(|i| i.queues[0].size = 15)),
         ("size 512 > max", Box::new(|i| i.queues[0].size = 512)),
         ("misaligned desc", Box::new(|i| i.queues[0].desc += 8)),
