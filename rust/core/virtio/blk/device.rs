@@ -830,7 +830,8 @@ impl Shared {
             return;
         }
         let old = st.status;
-        let mut new = value;
+        // DEVICE_NEEDS_RESET is the device's to set, never the driver's.
+        let mut new = value & !st_bits::NEEDS_RESET;
         if new & st_bits::FEATURES_OK != 0 && old & st_bits::FEATURES_OK == 0 {
             let d = st.driver_features;
             // Modern-only device: refuse unoffered bits and a driver without VERSION_1
