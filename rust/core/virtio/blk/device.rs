@@ -592,8 +592,10 @@ impl VirtioBlk {
             slot.deferred = q.ready;
         }
         sh.isr.store(img.isr, Ordering::Release);
-        if img.isr != 0 {
-            sh.wake_irq(&st);
+        let wake = img.isr != 0 && st.irq_waiters > 0;
+        drop(st);
+        if wake {
+            sh.irq_cv.notify_all();
         }
     }
 
