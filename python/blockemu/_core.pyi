@@ -1,5 +1,6 @@
 # Hand-written stubs of the native module blockemu._core; checked by mypy's stubtest.
 
+from collections.abc import Sequence
 from os import PathLike
 from types import TracebackType
 from typing import Literal, TypedDict, final
@@ -22,12 +23,15 @@ __all__ = [
     "__version__",
     "chs_to_lba",
     "create_image",
+    "describe_state",
     "explain_geometry",
     "guess_geometry",
     "image_info",
     "lba_to_chs",
+    "load_state",
     "memory_node",
     "open_image",
+    "save_state",
 ]
 
 _Format = Literal["raw", "qcow2"]
@@ -270,6 +274,8 @@ class IdeChannel:
     def stop(self) -> None: ...
     def bmdma_read(self, offset: int, size: int = 1) -> int: ...
     def bmdma_write(self, offset: int, value: int, size: int = 1) -> None: ...
+    def save_state(self) -> bytes: ...
+    def load_state(self, data: Buffer) -> None: ...
 
 @final
 class VirtioBlk:
@@ -323,3 +329,25 @@ class VirtioBlk:
     def drain(self, timeout: float | None = None) -> None: ...
     def resize(self, size: int) -> None: ...
     def stats(self) -> dict[str, int | str | None]: ...
+    def save_state(self) -> bytes: ...
+    def load_state(self, data: Buffer) -> None: ...
+
+class _SubsectionInfo(TypedDict):
+    name: str
+    version: int
+    optional: bool
+    size: int
+
+class _SectionInfo(TypedDict):
+    name: str
+    kind: str
+    instance: int
+    version: int
+    size: int
+    subsections: list[_SubsectionInfo]
+
+_StateDevice = IdeChannel | VirtioBlk | GuestMemory
+
+def save_state(devices: Sequence[tuple[str, _StateDevice]]) -> bytes: ...
+def load_state(devices: Sequence[tuple[str, _StateDevice]], data: Buffer) -> None: ...
+def describe_state(data: Buffer) -> list[_SectionInfo]: ...

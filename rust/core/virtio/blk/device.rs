@@ -39,12 +39,15 @@ use crate::geometry::{DeviceKind, Geometry, GeometryConfig};
 use crate::guest_memory::GuestMemory;
 use crate::interrupt;
 use crate::jobs::{GeometryPrefetch, IoPool, WorkerPool};
-use crate::{Error, Result, SECTOR_SIZE};
+use crate::state::virtio::{QueueImage, VirtioImage};
+use crate::{Error, ErrorKind, Result, SECTOR_SIZE};
 
 /// Backend operations mostly slower than this are blocking I/O: run requests in parallel.
 pub const SLOW_NS: u64 = 10_000;
 /// Used-buffer notifications a runner may hold back while it works through fast requests.
 const MAX_DEFERRED: u32 = 32;
+/// How long a save waits for a geometry read in progress.
+const PREFETCH_WAIT: Duration = Duration::from_secs(30);
 /// Runners started by one call at most (new runners start more).
 const WAKE_BATCH: usize = 8;
 
@@ -502,6 +505,103 @@ impl VirtioBlk {
             drop(st);
             interrupt::check()?;
             st = sh.lock();
+        }
+    }
+
+    /// The geometry of the device (known, guessing, or not started).
+    pub(crate) fn prefetch(&self) -> &GeometryPrefetch {
+        &self.shared.prefetch
+    }
+
+    /// Err(State(msg)) unless no request is pending, running or popped-and-not-completed.
+    pub(crate) fn check_idle(&self, msg: &str) -> Result<()> {
+        let st = self.shared.lock();
+        Self::idle_or(&st, msg)
+    }
+
+    fn idle_or(st: &State, msg: &str) -> Result<()> {
+        let idle = st.busy == 0
+            && st
+                .queues
+                .iter()
+                .all(|q| q.pending.is_empty() && q.in_flight_count == 0 && q.old_running == 0);
+        if idle {
+            Ok(())
+        } else {
+            Err(Error::state(msg))
+        }
+    }
+
+    /// The migratable state; refused unless stopped and drained.
+    pub(crate) fn capture(&self) -> Result<VirtioImage> {
+        let sh = &self.shared;
+        // The geometry read (one sector) is part of draining: let it finish so that the
+        // geometry travels and the destination never reads the MBR.
+        if let Some(job) = sh.prefetch.job() {
+            if !job.is_done() {
+                if let Err(e) = job.wait(Some(PREFETCH_WAIT)) {
+                    if matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Interrupted) {
+                        return Err(Error::state(
+                            "device is running; stop it first (its geometry read is in progress)",
+                        ));
+                    }
+                }
+            }
+        }
+        let st = sh.lock();
+        if !st.stopped {
+            return Err(Error::state("device is running; stop it first"));
+        }
+        Self::idle_or(&st, "device is running; stop it first")?;
+        Ok(VirtioImage {
+            status: st.status,
+            device_features_sel: st.device_features_sel,
+            driver_features_sel: st.driver_features_sel,
+            driver_features: st.driver_features,
+            queue_sel: st.queue_sel,
+            shm_sel: st.shm_sel,
+            config_gen: st.config_gen,
+            writeback: st.writeback,
+            isr: sh.isr.load(Ordering::Acquire),
+            offered: sh.offered,
+            capacity: sh.node.size().ok().flatten().unwrap_or(0) / SECTOR_SIZE,
+            geometry: self.geometry(),
+            queue_max: sh.queue_max,
+            queues: st.queues.iter().map(|q| QueueImage::of(&q.q)).collect(),
+            broken: st
+                .broken
+                .then(|| st.stats.needs_reset_reason.clone().unwrap_or_default()),
+        })
+    }
+
+    /// Installs checked state (see `state::virtio`). Every ready queue counts as notified,
+    /// so `start()` pops what the driver made available before the save.
+    pub(crate) fn restore(&self, img: &VirtioImage) {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        st.status = img.status;
+        st.status_before_reset = 0;
+        st.device_features_sel = img.device_features_sel;
+        st.driver_features_sel = img.driver_features_sel;
+        st.driver_features = img.driver_features;
+        st.queue_sel = img.queue_sel;
+        st.shm_sel = img.shm_sel;
+        st.config_gen = img.config_gen;
+        st.writeback = img.writeback;
+        st.broken = img.broken.is_some();
+        if st.broken {
+            st.stats.needs_reset_reason = img.broken.clone();
+        }
+        for (slot, q) in st.queues.iter_mut().zip(&img.queues) {
+            slot.cut_off();
+            q.install(&mut slot.q);
+            slot.deferred = q.ready;
+        }
+        sh.isr.store(img.isr, Ordering::Release);
+        let wake = img.isr != 0 && st.irq_waiters > 0;
+        drop(st);
+        if wake {
+            sh.irq_cv.notify_all();
         }
     }
 
