@@ -8,5 +8,33 @@ that offers the same methods — the differential tests run them against QEMU th
 from __future__ import annotations
 
 from blockemu.drivers.ata import AtaChannel, AtaDriver, AtaError, BusMaster, Memory
+from blockemu.drivers.virtio import (
+    Request,
+    RingLayout,
+    Submitted,
+    UsedElem,
+    VirtioBlkDriver,
+    VirtioError,
+    VirtioMmio,
+    VirtioNeedsReset,
+    VirtioRequestError,
+    VirtioTimeoutError,
+)
 
-__all__ = ["AtaChannel", "AtaDriver", "AtaError", "BusMaster", "Memory"]
+__all__ = [
+    "AtaChannel",
+    "AtaDriver",
+    "AtaError",
+    "BusMaster",
+    "Memory",
+    "Request",
+    "RingLayout",
+    "Submitted",
+    "UsedElem",
+    "VirtioBlkDriver",
+    "VirtioError",
+    "VirtioMmio",
+    "VirtioNeedsReset",
+    "VirtioRequestError",
+    "VirtioTimeoutError",
+]
