@@ -36,6 +36,7 @@ from blockemu.errors import (
     StateError,
 )
 from blockemu.jobs import Job
+from blockemu.machine import Machine
 
 __all__ = [
     "BlockNode",
@@ -50,6 +51,7 @@ __all__ = [
     "InactiveError",
     "Job",
     "LockError",
+    "Machine",
     "MigrationError",
     "OutOfRangeError",
     "ReadOnlyError",
