@@ -325,7 +325,7 @@ class _Destination:
         # ---------------------------------------------------------- D_ACTIVATED
         self.phases.enter("activated")
         try:
-            f = self.ch.recv(0.02)  # a pending ABORT (operator cancel) wins over the commit
+            f = self.ch.recv(0.005)  # a pending ABORT (operator cancel) wins over the commit
             if f.type == Msg.ABORT:
                 m.inactivate()
                 self.ch.try_send(Msg.ABORT_ACK, {})
