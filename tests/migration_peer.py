@@ -8,12 +8,12 @@ activity/stats/locks, and the read-back check of the acknowledged writes.
 
 Config keys: ``role`` ("source"/"destination"), ``uri``, ``ide``/``virtio`` (image paths or
 null), ``ide_geometry`` ([c, h, s] user geometry of the IDE disk), ``ram``, ``timeout``,
-``timeouts`` (overrides), ``workload`` (null or {"inflight", "run_for", "ack_log"}),
-``fault`` ({"device", "op", "n", "count", "arm_at"}: a FaultInjector rule armed when the
-coordinator enters phase ``arm_at``), ``cancel_at`` (a phase), ``autostart``, ``after``
-(seconds the destination's guest runs after the migration), ``hold`` (seconds to stay alive at
-the end, locks held), ``open_error`` (the destination's image path does not exist),
-``ready_file`` (the destination writes it once listening), ``verify`` ("witness"/"full").
+``timeouts`` (overrides), ``workload`` (null or {"inflight", "run_for", "ack_log"}), ``fault``
+({"device", "op", "n", "count", "arm_at"}: a FaultInjector rule armed when the coordinator
+enters phase ``arm_at``), ``cancel_at`` (a phase), ``delay_at`` ({phase: seconds}: sleep on
+entering it), ``autostart``, ``after`` (seconds the guest runs after the migration), ``hold``
+(seconds to stay alive at the end, locks held), ``open_error`` (the destination cannot open its
+image), ``ready_file`` (the destination writes it once listening), ``verify``.
 """
 
 from __future__ import annotations
@@ -95,6 +95,9 @@ def main() -> int:
         if fault and fault.get("arm_at") == name:
             fi = holder["faults"][fault["device"]]
             fi.fail_nth(int(fault.get("n", 1)), op=fault["op"], count=int(fault.get("count", 1)))
+        delay = cfg.get("delay_at", {}).get(name)
+        if delay:
+            time.sleep(float(delay))
         if cfg.get("cancel_at") == name:
             cancel.set()
 

@@ -11,10 +11,13 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from blockemu._core import BlockNode
+from blockemu._core import BlockNode, IdeChannel, VirtioBlk
 from blockemu.errors import MigrationError
+
+if TYPE_CHECKING:
+    from blockemu.machine import Machine
 
 __all__ = [
     "INSTANCE_ID",
@@ -239,3 +242,20 @@ def verify(node: BlockNode, expected: dict[str, Any]) -> str | None:
 
 def fail(message: str, phase: str, resumed: bool) -> MigrationError:
     return MigrationError(message, phase=phase, source_resumed=resumed)
+
+
+def geometry_of(machine: Machine) -> dict[str, Any]:
+    """The geometry each disk of ``machine`` has now, ``[c, h, s, trans]`` or None."""
+    out: dict[str, Any] = {}
+    for name, dev in machine.devices.items():
+        geos = []
+        if isinstance(dev, IdeChannel):
+            for slot in ("master", "slave"):
+                disk = getattr(dev, slot)
+                if disk is not None:
+                    geos.append((f"{name}.{slot}", disk.geometry))
+        elif isinstance(dev, VirtioBlk):
+            geos.append((name, dev.geometry))
+        for key, g in geos:
+            out[key] = None if g is None else [g.cyls, g.heads, g.secs, g.trans]
+    return out

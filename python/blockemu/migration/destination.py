@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from blockemu._core import GuestMemory, IdeChannel, VirtioBlk
+from blockemu._core import GuestMemory
 from blockemu.errors import BlockemuError, LockError, MigrationError, StateError
 from blockemu.machine import Machine
 from blockemu.migration.common import (
@@ -25,6 +25,7 @@ from blockemu.migration.common import (
     Deadline,
     Phases,
     Timeouts,
+    geometry_of,
     kill_point,
     listen,
     parse_uri,
@@ -52,22 +53,6 @@ class _Gone(Exception):
         super().__init__(message)
         self.phase = phase
         self.cause = cause
-
-
-def _geometry(machine: Machine) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, dev in machine.devices.items():
-        geos = []
-        if isinstance(dev, IdeChannel):
-            for slot in ("master", "slave"):
-                disk = getattr(dev, slot)
-                if disk is not None:
-                    geos.append((f"{name}.{slot}", disk.geometry))
-        elif isinstance(dev, VirtioBlk):
-            geos.append((name, dev.geometry))
-        for key, g in geos:
-            out[key] = None if g is None else [g.cyls, g.heads, g.secs, g.trans]
-    return out
 
 
 class _Destination:
@@ -273,7 +258,7 @@ class _Destination:
             self._send_fail(Msg.LOAD_FAILED, str(e))
             raise _Gone(f"device state rejected: {e}", "loading", e) from None
         self.report["state_bytes"] = len(buf)
-        self.report["geometry"] = _geometry(m)
+        self.report["geometry"] = geometry_of(m)
         self._check_untouched("after load")
         kill_point("dst:after_loaded")
         self.ch.send(Msg.STATE_LOADED, {"geometry": self.report["geometry"]})
@@ -326,12 +311,19 @@ class _Destination:
         self.phases.enter("activated")
         try:
             f = self.ch.recv(0.005)  # a pending ABORT (operator cancel) wins over the commit
+        except PeerLost:
+            pass  # nothing pending, or the source is gone: what we have is complete; commit
+        except ProtocolError as e:
+            self._give_up()
+            self._send_fail(Msg.DEST_ACTIVATION_FAILED, f"bad frame before commit: {e}")
+            raise _Gone(
+                f"bad frame before the commit: {e}", "activated", StateError(str(e))
+            ) from None
+        else:
             if f.type == Msg.ABORT:
-                m.inactivate()
+                self._give_up()
                 self.ch.try_send(Msg.ABORT_ACK, {})
                 raise _Gone("the source cancelled before the commit", "activated")
-        except (PeerLost, ProtocolError):
-            pass  # the source may be gone: what we have is complete; commit
 
         # ---------------------------------------------------------- commit point
         self.phases.enter("committing")

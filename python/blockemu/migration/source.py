@@ -26,6 +26,7 @@ from blockemu.migration.common import (
     Phases,
     Timeouts,
     connect,
+    geometry_of,
     kill_point,
     verify,
     witnesses,
@@ -80,6 +81,7 @@ class _Source:
         self.stop_time = 0.0
         self.report: dict[str, Any] = {"role": "source", "session": self.session.hex()}
         self.traced: list[Any] = []
+        self.dest_geometry: Any = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -93,7 +95,7 @@ class _Source:
         end = time.monotonic() + timeout
         while True:
             if self._cancelled():
-                raise _Cancel()
+                raise _Cancel("cancelled by the operator")
             left = end - time.monotonic()
             if left <= 0:
                 raise PeerTimeout(f"timed out waiting for {expect[0].name}")
@@ -319,6 +321,7 @@ class _Source:
             data = m.save_state()
             cpu = m.save_cpu_state()
             self.report["state_bytes"] = len(data)
+            self.report["geometry"] = geometry_of(m)
             for pos in range(0, max(1, len(data)), MAX_CHUNK):
                 self.ch.send(Msg.DEVICE_STATE, data[pos : pos + MAX_CHUNK])
                 kill_point("src:mid_state")
@@ -333,6 +336,8 @@ class _Source:
             f = self._recv(self.deadline.cap(self.t.state_loaded), (Msg.STATE_LOADED,))
         except (OSError, BlockemuError, PeerLost, ProtocolError, _Cancel) as e:
             raise self._fail_resume(f"sending the device state failed: {e}") from e
+        if f.type == Msg.STATE_LOADED:
+            self.dest_geometry = f.json().get("geometry")
         if f.type != Msg.STATE_LOADED:
             reason = f.json().get("reason", "") if f.type != Msg.ABORT else "abort"
             raise self._fail_resume(f"destination answered {f.type.name}: {reason}")
@@ -417,6 +422,7 @@ class _Source:
         info = f.json()
         self.report["epoch"] = info.get("epoch")
         self.report["destination_report"] = info.get("report", {})
+        self.report["destination_geometry"] = self.dest_geometry
         self.m.set_state("postmigrate")
         return self._finish("completed")
 
