@@ -85,6 +85,15 @@ fn s03_unoffered_feature_is_refused() {
 }
 
 #[test]
+fn the_driver_cannot_set_needs_reset() {
+    let mut d = Driver::ready(0);
+    d.wr(R_STATUS, 0x4f);
+    assert_eq!(d.status(), 0xf);
+    let (s, _) = d.read(8, 512);
+    assert_eq!(s, 0);
+}
+
+#[test]
 fn s04_no_version_1_is_refused() {
     let mut d = Driver::new();
     assert_eq!(d.negotiate(f::BLK_FLUSH) & 8, 0);

@@ -11,6 +11,7 @@ pub mod guest_memory;
 pub mod ide;
 pub mod interrupt;
 pub mod jobs;
+pub mod state;
 pub mod virtio;
 
 pub use error::{Error, ErrorContext, ErrorKind, Result};

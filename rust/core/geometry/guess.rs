@@ -42,6 +42,8 @@ pub enum GuessSource {
     NoSignature,
     /// Size-based default: no partition entry gave a usable geometry.
     NoAcceptableEntry,
+    /// Arrived with migrated device state (the source's geometry; nothing was read here).
+    Migrated,
 }
 
 impl GuessSource {
@@ -56,7 +58,7 @@ impl GuessSource {
     }
 
     /// A short machine-readable name ("user", "mbr", "mbr-many-heads", "no-boot-sector",
-    /// "no-signature", "no-acceptable-entry").
+    /// "no-signature", "no-acceptable-entry", "migrated").
     pub fn as_str(self) -> &'static str {
         match self {
             GuessSource::User => "user",
@@ -65,6 +67,7 @@ impl GuessSource {
             GuessSource::NoBootSector => "no-boot-sector",
             GuessSource::NoSignature => "no-signature",
             GuessSource::NoAcceptableEntry => "no-acceptable-entry",
+            GuessSource::Migrated => "migrated",
         }
     }
 }
@@ -93,6 +96,9 @@ impl fmt::Display for GuessSource {
             }
             GuessSource::NoAcceptableEntry => {
                 f.write_str("no partition entry gives a usable geometry: size-based default")
+            }
+            GuessSource::Migrated => {
+                f.write_str("carried by migrated device state: the source's geometry, nothing read")
             }
         }
     }

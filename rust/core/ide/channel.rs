@@ -1193,6 +1193,37 @@ impl IdeChannel {
         lock(&self.shared.state).clone()
     }
 
+    /// For saving: the state, how long a pending soft reset still has to go, and the number
+    /// of backend operations in flight — all taken under the lock at one instant.
+    pub(crate) fn freeze(&self) -> (ChannelState, Option<Duration>, u32) {
+        let st = lock(&self.shared.state);
+        let in_flight = *lock(&self.shared.in_flight);
+        let srst = st
+            .reset_due
+            .map(|due| due.saturating_duration_since(Instant::now()));
+        (st.clone(), srst, in_flight)
+    }
+
+    /// For loading: `f` installs restored state under the lock; then every completion still
+    /// on its way is voided (new generation and command sequences), the read-ahead cache is
+    /// dropped, and waiters see the restored IRQ line.
+    pub(crate) fn restore_with(&self, f: impl FnOnce(&mut ChannelState)) {
+        {
+            let mut st = lock(&self.shared.state);
+            f(&mut st);
+            st.gen += 1;
+            for d in &mut st.drives {
+                d.seq += 1;
+                d.read_ahead.clear();
+                d.pending = None;
+            }
+            if st.irq {
+                self.shared.irq_raised.notify_all();
+            }
+        }
+        self.shared.owner.invalidate();
+    }
+
     /// Command block read: offset 0 is the data port (size 1, 2 or 4), 1-7 bytes.
     pub fn ioport_read(&self, offset: u8, size: u8) -> Result<u32> {
         match (offset, size) {

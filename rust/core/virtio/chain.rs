@@ -267,3 +267,82 @@ pub fn walk_into(
         index = d.next;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(mem: &GuestMemory, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = table + 16 * u64::from(i);
+        mem.write_u64(at, addr).unwrap();
+        mem.write_u32(at + 8, len).unwrap();
+        mem.write_u16(at + 12, flags).unwrap();
+        mem.write_u16(at + 14, next).unwrap();
+    }
+
+    #[test]
+    fn walks_direct_and_indirect_and_names_each_error() {
+        let mem = GuestMemory::new(0x10000).unwrap();
+        // 0: readable 16, 1: zero-length writable, 2: INDIRECT -> [writable 512, writable 1]
+        desc(&mem, 0, 0, 0x4000, 16, F_NEXT, 1);
+        desc(&mem, 0, 1, 0, 0, F_NEXT | F_WRITE, 2);
+        desc(&mem, 0, 2, 0x3000, 32, F_INDIRECT, 0);
+        desc(&mem, 0x3000, 0, 0x5000, 512, F_WRITE | F_NEXT, 1);
+        desc(&mem, 0x3000, 1, 0x6000, 1, F_WRITE, 0);
+        let c = walk(&mem, 0, 4, 0, true).unwrap();
+        assert_eq!(
+            c.readable,
+            vec![Seg {
+                addr: 0x4000,
+                len: 16
+            }]
+        );
+        assert_eq!(c.writable_len, 513);
+        assert_eq!(c.writable.len(), 2);
+        assert_eq!(
+            walk(&mem, 0, 4, 0, false),
+            Err(ChainError::IndirectNotNegotiated)
+        );
+        assert!(matches!(
+            walk(&mem, 0, 4, 4, true),
+            Err(ChainError::BadNext { .. })
+        ));
+        // A loop within the budget Q = 4.
+        desc(&mem, 0, 3, 0x4000, 16, F_NEXT, 3);
+        assert_eq!(
+            walk(&mem, 0, 4, 3, true),
+            Err(ChainError::TooLong { budget: 4 })
+        );
+        desc(&mem, 0, 3, 0xfff0, 0x20, 0, 0);
+        assert!(matches!(
+            walk(&mem, 0, 4, 3, true),
+            Err(ChainError::OutOfMemory { .. })
+        ));
+        desc(&mem, 0, 3, u64::MAX, 2, 0, 0);
+        assert!(matches!(
+            walk(&mem, 0, 4, 3, true),
+            Err(ChainError::Overflow { .. })
+        ));
+        desc(&mem, 0, 3, 0x3000, 24, F_INDIRECT, 0);
+        assert_eq!(
+            walk(&mem, 0, 4, 3, true),
+            Err(ChainError::IndirectLength { len: 24 })
+        );
+        desc(&mem, 0, 3, 0x3000, 32, F_INDIRECT | F_NEXT, 0);
+        assert_eq!(walk(&mem, 0, 4, 3, true), Err(ChainError::IndirectWithNext));
+        desc(&mem, 0, 3, 0xfff0, 32, F_INDIRECT, 0);
+        assert!(matches!(
+            walk(&mem, 0, 4, 3, true),
+            Err(ChainError::IndirectOutOfMemory { .. })
+        ));
+        desc(&mem, 0x3000, 0, 0x3000, 32, F_INDIRECT, 0);
+        desc(&mem, 0, 3, 0x3000, 32, F_INDIRECT, 0);
+        assert_eq!(walk(&mem, 0, 4, 3, true), Err(ChainError::NestedIndirect));
+        desc(&mem, 0, 0, 0x5000, 1, F_WRITE | F_NEXT, 1);
+        desc(&mem, 0, 1, 0x4000, 0, 0, 0);
+        assert_eq!(
+            walk(&mem, 0, 4, 0, true),
+            Err(ChainError::ReadableAfterWritable)
+        );
+    }
+}

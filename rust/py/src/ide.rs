@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use blockemu_core::geometry::TranslationRequest;
 use blockemu_core::ide::{DiscardMode, IdeChannel, IdeDisk, IdeDiskConfig};
+use blockemu_core::state::Device;
 use blockemu_core::Error;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -114,7 +115,7 @@ fn value_arg(value: NonNeg, size: u8) -> PyResult<u32> {
 /// An IDE channel with a master and a slave slot, an IRQ line and an optional bus master.
 #[pyclass(frozen, name = "IdeChannel", module = "blockemu")]
 pub struct PyIdeChannel {
-    inner: IdeChannel,
+    pub(crate) inner: IdeChannel,
     master: Option<Py<PyIdeDisk>>,
     slave: Option<Py<PyIdeDisk>>,
     memory: Option<Py<PyGuestMemory>>,
@@ -141,6 +142,16 @@ impl PyIdeChannel {
             slave: slave.map(Bound::unbind),
             memory: memory.map(Bound::unbind),
         })
+    }
+
+    /// This channel's state as a one-device stream (it must be quiescent).
+    fn save_state(&self, py: Python<'_>) -> PyResult<Py<PyBytes>> {
+        crate::state::save_one(py, Device::Ide(&self.inner))
+    }
+
+    /// Loads a stream written by `save_state` (all or nothing).
+    fn load_state(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        crate::state::load_one(py, Device::Ide(&self.inner), data)
     }
 
     /// The guest memory the bus master reaches (None without one).

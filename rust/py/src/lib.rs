@@ -11,6 +11,7 @@ mod guest_memory;
 mod ide;
 mod jobs;
 mod node;
+mod state;
 mod virtio;
 
 #[pymodule(gil_used = false)]
@@ -23,5 +24,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     geometry::register(m)?;
     ide::register(m)?;
     virtio::register(m)?;
+    state::register(m)?;
     Ok(())
 }

@@ -2,11 +2,12 @@
 
 use std::time::Duration;
 
+use blockemu_core::state::Device;
 use blockemu_core::virtio::{VirtioBlk, VirtioBlkConfig};
 use blockemu_core::Error;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::convert::NonNeg;
 use crate::errors::{detach_interruptible, IntoPyResult};
@@ -37,7 +38,7 @@ fn timeout_arg(timeout: Option<f64>) -> PyResult<Option<Duration>> {
 /// A virtio-blk device on the virtio-mmio (version 2) transport.
 #[pyclass(frozen, name = "VirtioBlk", module = "blockemu")]
 pub struct PyVirtioBlk {
-    inner: VirtioBlk,
+    pub(crate) inner: VirtioBlk,
     node: Py<PyBlockNode>,
     memory: Py<PyGuestMemory>,
 }
@@ -187,6 +188,16 @@ impl PyVirtioBlk {
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
         let dev = &self.inner;
         detach_interruptible(py, || dev.stop()).py_err()
+    }
+
+    /// This device's state as a one-device stream (it must be stopped and drained).
+    fn save_state(&self, py: Python<'_>) -> PyResult<Py<PyBytes>> {
+        crate::state::save_one(py, Device::Virtio(&self.inner))
+    }
+
+    /// Loads a stream written by `save_state` (all or nothing).
+    fn load_state(&self, py: Python<'_>, data: &Bound<'_, PyAny>) -> PyResult<()> {
+        crate::state::load_one(py, Device::Virtio(&self.inner), data)
     }
 
     /// Waits (GIL released) until no request is pending or running.

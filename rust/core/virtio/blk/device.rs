@@ -39,6 +39,7 @@ use crate::geometry::{DeviceKind, Geometry, GeometryConfig};
 use crate::guest_memory::GuestMemory;
 use crate::interrupt;
 use crate::jobs::{GeometryPrefetch, IoPool, WorkerPool};
+use crate::state::virtio::{QueueImage, VirtioImage};
 use crate::{Error, Result, SECTOR_SIZE};
 
 /// Backend operations mostly slower than this are blocking I/O: run requests in parallel.
@@ -497,6 +498,88 @@ impl VirtioBlk {
         }
     }
 
+    /// The geometry of the device (known, guessing, or not started).
+    pub(crate) fn prefetch(&self) -> &GeometryPrefetch {
+        &self.shared.prefetch
+    }
+
+    /// Err(State(msg)) unless no request is pending, running or popped-and-not-completed.
+    pub(crate) fn check_idle(&self, msg: &str) -> Result<()> {
+        let st = self.shared.lock();
+        Self::idle_or(&st, msg)
+    }
+
+    fn idle_or(st: &State, msg: &str) -> Result<()> {
+        let idle = st.busy == 0
+            && st
+                .queues
+                .iter()
+                .all(|q| q.pending.is_empty() && q.in_flight_count == 0 && q.old_running == 0);
+        if idle {
+            Ok(())
+        } else {
+            Err(Error::state(msg))
+        }
+    }
+
+    /// The migratable state; refused unless stopped and drained.
+    pub(crate) fn capture(&self) -> Result<VirtioImage> {
+        let sh = &self.shared;
+        let st = sh.lock();
+        if !st.stopped {
+            return Err(Error::state("device is running; stop it first"));
+        }
+        Self::idle_or(&st, "device is running; stop it first")?;
+        Ok(VirtioImage {
+            status: st.status,
+            device_features_sel: st.device_features_sel,
+            driver_features_sel: st.driver_features_sel,
+            driver_features: st.driver_features,
+            queue_sel: st.queue_sel,
+            shm_sel: st.shm_sel,
+            config_gen: st.config_gen,
+            writeback: st.writeback,
+            isr: sh.isr.load(Ordering::Acquire),
+            offered: sh.offered,
+            capacity: sh.node.size().ok().flatten().unwrap_or(0) / SECTOR_SIZE,
+            geometry: self.geometry(),
+            queue_max: sh.queue_max,
+            queues: st.queues.iter().map(|q| QueueImage::of(&q.q)).collect(),
+            broken: st
+                .broken
+                .then(|| st.stats.needs_reset_reason.clone().unwrap_or_default()),
+        })
+    }
+
+    /// Installs checked state (see `state::virtio`). Every ready queue counts as notified,
+    /// so `start()` pops what the driver made available before the save.
+    pub(crate) fn restore(&self, img: &VirtioImage) {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        st.status = img.status;
+        st.status_before_reset = 0;
+        st.device_features_sel = img.device_features_sel;
+        st.driver_features_sel = img.driver_features_sel;
+        st.driver_features = img.driver_features;
+        st.queue_sel = img.queue_sel;
+        st.shm_sel = img.shm_sel;
+        st.config_gen = img.config_gen;
+        st.writeback = img.writeback;
+        st.broken = img.broken.is_some();
+        if st.broken {
+            st.stats.needs_reset_reason = img.broken.clone();
+        }
+        for (slot, q) in st.queues.iter_mut().zip(&img.queues) {
+            slot.cut_off();
+            q.install(&mut slot.q);
+            slot.deferred = q.ready;
+        }
+        sh.isr.store(img.isr, Ordering::Release);
+        if img.isr != 0 {
+            sh.wake_irq(&st);
+        }
+    }
+
     /// A host-side capacity change: resizes the node, then bumps ConfigGeneration and raises
     /// the configuration-change interrupt (if DRIVER_OK). Capacity is always read from the
     /// node, so the new size shows at the next config read.
@@ -747,7 +830,8 @@ impl Shared {
             return;
         }
         let old = st.status;
-        let mut new = value;
+        // DEVICE_NEEDS_RESET is the device's to set, never the driver's.
+        let mut new = value & !st_bits::NEEDS_RESET;
         if new & st_bits::FEATURES_OK != 0 && old & st_bits::FEATURES_OK == 0 {
             let d = st.driver_features;
             // Modern-only device: refuse unoffered bits and a driver without VERSION_1

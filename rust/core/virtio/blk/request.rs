@@ -272,3 +272,94 @@ pub fn write_id(mem: &GuestMemory, chain_writable: &[Seg], id: &[u8; ID_LEN]) ->
     }
     done == ID_LEN
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(readable: &[(u64, u32)], writable: &[(u64, u32)]) -> Chain {
+        let segs = |v: &[(u64, u32)]| v.iter().map(|&(addr, len)| Seg { addr, len }).collect();
+        Chain {
+            head: 0,
+            readable: segs(readable),
+            writable: segs(writable),
+            readable_len: readable.iter().map(|s| u64::from(s.1)).sum(),
+            writable_len: writable.iter().map(|s| u64::from(s.1)).sum(),
+        }
+    }
+
+    const CTX: Context = Context {
+        capacity: 1 << 20,
+        readonly: false,
+        discard: true,
+        write_zeroes: true,
+    };
+
+    #[test]
+    fn header_gathered_across_segments_and_status_is_the_last_writable_byte() {
+        let mem = GuestMemory::new(0x10000).unwrap();
+        mem.write_u32(0x100, T_IN).unwrap();
+        mem.write_u64(0x108, 3).unwrap();
+        // Header split 10 + 6; data and status in one 1025-byte descriptor.
+        let c = chain(&[(0x100, 10), (0x10a, 6)], &[(0x1000, 1025)]);
+        match parse(&mem, &c, &CTX) {
+            Parsed::Io {
+                status_addr,
+                work: Work::Read { offset, segs, len },
+            } => {
+                assert_eq!((status_addr, offset, len), (0x1400, 3 * 512, 1024));
+                assert_eq!(
+                    segs,
+                    vec![Seg {
+                        addr: 0x1000,
+                        len: 1024
+                    }]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Header of 15 bytes, or no writable byte: dropped (used len 0).
+        assert_eq!(
+            parse(&mem, &chain(&[(0x100, 15)], &[(0x1000, 1)]), &CTX),
+            Parsed::Drop
+        );
+        assert_eq!(parse(&mem, &chain(&[(0x100, 16)], &[]), &CTX), Parsed::Drop);
+    }
+
+    #[test]
+    fn per_request_errors() {
+        let mem = GuestMemory::new(0x10000).unwrap();
+        let status = |t: u32, sector: u64, w: u32| {
+            mem.write_u32(0x100, t).unwrap();
+            mem.write_u64(0x108, sector).unwrap();
+            match parse(&mem, &chain(&[(0x100, 16)], &[(0x1000, w)]), &CTX) {
+                Parsed::Done { status, .. } => status,
+                Parsed::Io { .. } => S_OK,
+                Parsed::Drop => 0xff,
+            }
+        };
+        assert_eq!(status(T_IN, 0, 1001), S_IOERR, "not a multiple of 512");
+        assert_eq!(status(T_IN, 2047, 1025), S_IOERR, "beyond capacity");
+        assert_eq!(status(T_IN, u64::MAX, 513), S_IOERR, "overflow");
+        assert_eq!(status(T_IN, 2047, 513), S_OK, "last sector");
+        assert_eq!(status(T_GET_ID, 0, 20), S_IOERR, "19-byte buffer");
+        assert_eq!(status(T_GET_ID, 0, 21), S_OK);
+        for t in [2, 3, 5, 10, 14, 0x8000_0000, 0xff] {
+            assert_eq!(status(t, 0, 513), S_UNSUPP, "type {t:#x}");
+        }
+        let ro = Context {
+            readonly: true,
+            ..CTX
+        };
+        mem.write_u32(0x100, T_OUT).unwrap();
+        mem.write_u64(0x108, 0).unwrap();
+        let c = chain(&[(0x100, 16), (0x2000, 512)], &[(0x1000, 1)]);
+        assert!(matches!(
+            parse(&mem, &c, &ro),
+            Parsed::Done {
+                status: S_IOERR,
+                ..
+            }
+        ));
+    }
+}
