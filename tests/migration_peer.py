@@ -138,8 +138,9 @@ def main() -> int:
             out["state_after"] = m.state
             if m.running and wl is not None:
                 time.sleep(float(cfg.get("after", 0.1)))
-                m.stop()
+                wl.pause()  # the guest stops writing; the devices keep serving its reads
                 out["check"] = wl.check()
+                m.stop()
         else:
 
             def factory() -> Machine:
@@ -182,10 +183,11 @@ def main() -> int:
                 out["running_after"] = m.running
                 if m.running and wl is not None:
                     time.sleep(float(cfg.get("after", 0.1)))
-                    m.stop()
+                    wl.pause()  # the guest stops writing; the devices keep serving its reads
                     if wl.error is not None:
                         out["guest_error"] = repr(wl.error)
                     out["check"] = wl.check()
+                    m.stop()
         if wl is not None:
             if wl.error is not None:
                 out["guest_error"] = repr(wl.error)

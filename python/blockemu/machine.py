@@ -181,21 +181,14 @@ class Machine:
         """The devices' migratable state (guest RAM included). The machine must be stopped."""
         if self._state == "running":
             raise RuntimeError("stop the machine before saving its state")
-        save = getattr(_core, "save_state", None)
-        if save is None:
-            raise StateError("this build of blockemu has no device-state encoding")
-        data: bytes = save(self._state_devices())
-        return data
+        return _core.save_state(self._state_devices())
 
     def load_state(self, data: bytes) -> None:
         """Installs a state from :meth:`save_state`; validates everything first, so on a
         :class:`~blockemu.StateError` nothing changed."""
         if self._state == "running":
             raise RuntimeError("a running machine cannot load a state")
-        load = getattr(_core, "load_state", None)
-        if load is None:
-            raise StateError("this build of blockemu has no device-state encoding")
-        load(self._state_devices(), bytes(data))
+        _core.load_state(self._state_devices(), data)
 
     def save_cpu_state(self) -> dict[str, Any]:
         return {name: cpu.save() for name, cpu in self._vcpus.items()}
