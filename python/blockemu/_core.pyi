@@ -23,12 +23,15 @@ __all__ = [
     "__version__",
     "chs_to_lba",
     "create_image",
+    "describe_state",
     "explain_geometry",
     "guess_geometry",
     "image_info",
     "lba_to_chs",
+    "load_state",
     "memory_node",
     "open_image",
+    "save_state",
 ]
 
 _Format = Literal["raw", "qcow2"]
