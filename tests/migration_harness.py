@@ -141,14 +141,19 @@ class Peer:
         return res
 
 
-def start_peer(cfg: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> Peer:
+def start_peer(
+    cfg: dict[str, Any],
+    tmp: Path,
+    env: dict[str, str] | None = None,
+    wrap: list[str] | None = None,
+) -> Peer:
     path = tmp / f"{cfg['role']}-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(cfg))
     e = dict(os.environ)
     e.pop("BLOCKEMU_MIGRATION_KILL_AT", None)
     e.update(env or {})
     proc = subprocess.Popen(
-        [sys.executable, str(PEER), str(path)],
+        [*(wrap or []), sys.executable, str(PEER), str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

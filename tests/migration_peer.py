@@ -11,14 +11,16 @@ null), ``ide_geometry`` ([c, h, s] user geometry of the IDE disk), ``ram``, ``ti
 ``timeouts`` (overrides), ``workload`` (null or {"inflight", "run_for", "ack_log"}), ``fault``
 ({"device", "op", "n", "count", "arm_at"}: a FaultInjector rule armed when the coordinator
 enters phase ``arm_at``), ``cancel_at`` (a phase), ``delay_at`` ({phase: seconds}: sleep on
-entering it), ``autostart``, ``after`` (seconds the guest runs after the migration), ``hold``
-(seconds to stay alive at the end, locks held), ``open_error`` (the destination cannot open its
-image), ``ready_file`` (the destination writes it once listening), ``verify``.
+entering it), ``exec_at`` ({phase: argv}: run a command on entering it), ``autostart``,
+``after`` (seconds the guest runs after the migration), ``hold`` (seconds to stay alive at the
+end, locks held), ``open_error`` (the destination cannot open its image), ``ready_file`` (the
+destination writes it once listening), ``verify``.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -98,6 +100,9 @@ def main() -> int:
         delay = cfg.get("delay_at", {}).get(name)
         if delay:
             time.sleep(float(delay))
+        cmd = cfg.get("exec_at", {}).get(name)
+        if cmd:
+            subprocess.run(cmd, check=True, timeout=10)
         if cfg.get("cancel_at") == name:
             cancel.set()
 

@@ -68,12 +68,15 @@ def run_pair(
     rule: Any = None,
     fresh: bool = True,
     during: Any = None,
+    dst_uri: str | None = None,
+    wrap_src: list[str] | None = None,
+    wrap_dst: list[str] | None = None,
 ) -> Run:
     images = {"ide": tmp / "ide.img", "virtio": tmp / "vio.img"}
     for p in images.values():
         if fresh or not p.exists():
             make_disk(p)
-    dst_uri = uri_pair(tmp, transport)
+    dst_uri = dst_uri or uri_pair(tmp, transport)
     ack_log = tmp / "acks.log"
     wl = None
     if workload and REAL_STATE:
@@ -87,14 +90,16 @@ def run_pair(
     }
     ready = tmp / "ready"
     dcfg = {**base, "role": "destination", "uri": dst_uri, "ready_file": str(ready), **(dst or {})}
-    d = start_peer(dcfg, tmp, env_dst)
+    d = start_peer(dcfg, tmp, env_dst, wrap_dst)
     wait_file(ready)
     proxy = None
     src_uri = dst_uri
     if rule is not None:
         src_uri = uri_pair(tmp, transport)
         proxy = Proxy(src_uri, dst_uri, rule)
-    s = start_peer({**base, "role": "source", "uri": src_uri, **(src or {})}, tmp, env_src)
+    s = start_peer(
+        {**base, "role": "source", "uri": src_uri, **(src or {})}, tmp, env_src, wrap_src
+    )
     if during is not None:
         during(images)
     with LockSampler(list(images.values())) as sampler:
