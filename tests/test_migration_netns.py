@@ -80,6 +80,7 @@ def test_12_link_down_after_source_inactive(tmp_path: Path, netns: tuple[str, st
             "delay_at": {"handed_off": 0.05},
             "exec_at": {"handed_off": ["ip", "link", "set", f"vs{tag}", "down"]},
         },
+        dst={"delay_at": {"activating": 0.3}},  # its answers come after the link is down
     )
     completed(run)
     assert run.src["report"]["resolved_by"] == "ownership record"
