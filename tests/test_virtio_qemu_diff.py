@@ -779,6 +779,47 @@ def p_queue_policies(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
     rec.add("used-after-scribble", (d.used_idx(), d.read_used(1, 1)[0].len))
 
 
+def p_big_requests(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+    rng = random.Random(11)
+    whole = SECTORS * 512
+    observe(rec, d, "read-all", [Request(v.T_IN, 0, in_len=whole)])
+    observe(rec, d, "read-all-plus-one", [Request(v.T_IN, 0, in_len=whole + 512)])
+    data = rng.randbytes(1 << 20)
+    observe(
+        rec,
+        d,
+        "write-1m-256-descs",
+        [Request(v.T_OUT, 4096, data=data, split=[16, *([4096] * 256), 1])],
+    )
+    observe(
+        rec,
+        d,
+        "read-1000-segs",
+        [Request(v.T_IN, 4096, in_len=1000 * 512, split=[16, *([512] * 1000), 1], mode="indirect")],
+    )
+    observe(
+        rec,
+        d,
+        "write-1000-segs",
+        [
+            Request(
+                v.T_OUT,
+                8192,
+                data=rng.randbytes(1000 * 512),
+                split=[16, *([512] * 1000), 1],
+                mode="indirect",
+            )
+        ],
+    )
+    observe(rec, d, "readback", [Request(v.T_IN, 4096, in_len=4096 * 512)])
+    observe(
+        rec,
+        d,
+        "many-small",
+        [Request(v.T_IN, i, in_len=512, split=[16, 1, 511, 1]) for i in range(250)],
+    )
+
+
 def test_narrow_register_access_matches_qemu(base_image: Path, tmp_path: Path) -> None:
     """Byte/halfword or misaligned accesses to registers below 0x100: QEMU's virtio-mmio logs a
     guest error and reads 0 / ignores the write; blockemu raises ValueError (not a documented
@@ -830,6 +871,7 @@ PROGRAMS: dict[str, tuple[Program, dict[str, Any]]] = {
     "writeback-and-status": (p_writeback_and_status, {}),
     "avail-event": (p_avail_event, {}),
     "queue-policies": (p_queue_policies, {}),
+    "big-requests": (p_big_requests, {}),
     **{
         f"random-{seed}": (
             make_random_program(seed),

@@ -395,9 +395,16 @@ class VirtioBlkDriver:
     def set_status(self, value: int) -> None:
         self.set_reg(REG_STATUS, value)
 
-    def reset(self) -> None:
-        """Writes 0 to Status and forgets every in-flight chain."""
+    def reset(self, timeout: float | None = None) -> None:
+        """Writes 0 to Status, waits until Status reads back 0 (a device with requests still
+        running in its backend keeps the old value until none of them can touch guest memory
+        any more), and forgets every in-flight chain."""
         self.set_status(0)
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while self.device_status != 0:
+            if time.monotonic() > deadline:
+                raise VirtioTimeoutError("Status did not read back 0 after a reset")
+            time.sleep(0.0005)
         self._inflight.clear()
         self._fast = None
 
@@ -891,6 +898,13 @@ class _FastReads:
         self.used_idx_addr = lay.used + 2
         self.wait_irq: Callable[[float], bool] = drv.device.wait_irq
         self.mmio_write = drv.device.mmio_write
+        self._structs: dict[int, struct.Struct] = {}
+
+    def _headers_struct(self, k: int) -> struct.Struct:
+        st = self._structs.get(k)
+        if st is None:
+            st = self._structs[k] = struct.Struct("<" + "8xQ" * k)
+        return st
 
     def run(self, sectors: Sequence[int]) -> bytes:
         drv = self.drv
@@ -903,9 +917,8 @@ class _FastReads:
         first = min(k, q - slot)
         view = self.view
         if view is not None:
-            hdr = self.headers + 8
-            for i, s in enumerate(sectors):
-                struct.pack_into("<Q", view, hdr + 16 * i, s)
+            # Every header is {IN = 0, reserved 0, sector}: one pack writes all k of them.
+            self._headers_struct(k).pack_into(view, self.headers, *sectors)
             view[self.statuses : self.statuses + k] = self.ff[:k]
             struct.pack_into(f"<{first}H", view, self.avail_ring + 2 * slot, *self.heads[:first])
             if first < k:
