@@ -192,11 +192,15 @@ class Proxy:
         listen_uri: str,
         target_uri: str,
         rule: Callable[[str, int, int, bytes], Any],
+        *,
+        cut_s2d_after: int | None = None,
     ) -> None:
         from blockemu.migration.common import connect, listen
 
         self.target_uri = target_uri
         self.rule = rule
+        self.cut = cut_s2d_after
+        self.s2d_bytes = 0
         self.server = listen(listen_uri)
         self._connect = connect
         self.log: list[tuple[str, str]] = []
@@ -256,6 +260,15 @@ class Proxy:
             action = self.rule(direction, mtype, index, raw)
             name = Msg(mtype).name if mtype in Msg._value2member_map_ else str(mtype)
             self.log.append((direction, f"{name}:{action if isinstance(action, str) else 'x'}"))
+            if direction == "s2d" and self.cut is not None:
+                if self.s2d_bytes + len(raw) > self.cut:
+                    try:
+                        dst.sendall(raw[: self.cut - self.s2d_bytes])
+                    except OSError:
+                        pass
+                    self.log.append((direction, f"cut after {self.cut} bytes"))
+                    break
+                self.s2d_bytes += len(raw)
             try:
                 if action == "pass":
                     dst.sendall(raw)

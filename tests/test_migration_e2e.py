@@ -71,6 +71,7 @@ def run_pair(
     dst_uri: str | None = None,
     wrap_src: list[str] | None = None,
     wrap_dst: list[str] | None = None,
+    cut: int | None = None,
 ) -> Run:
     images = {"ide": tmp / "ide.img", "virtio": tmp / "vio.img"}
     for p in images.values():
@@ -94,9 +95,9 @@ def run_pair(
     wait_file(ready)
     proxy = None
     src_uri = dst_uri
-    if rule is not None:
+    if rule is not None or cut is not None:
         src_uri = uri_pair(tmp, transport)
-        proxy = Proxy(src_uri, dst_uri, rule)
+        proxy = Proxy(src_uri, dst_uri, rule or pass_all, cut_s2d_after=cut)
     s = start_peer(
         {**base, "role": "source", "uri": src_uri, **(src or {})}, tmp, env_src, wrap_src
     )
@@ -199,6 +200,18 @@ def test_happy_path(tmp_path: Path, transport: str) -> None:
 def test_happy_path_through_proxy(tmp_path: Path) -> None:
     run = run_pair(tmp_path, rule=pass_all)
     completed(run)
+    # the source learned what the destination saw before activation
+    assert set(run.src["report"]["reads_before_activation"].values()) == {0}
+
+
+@pytest.mark.parametrize("cut", [0, 30, 700, 5000, 15000])
+def test_connection_dropped_after_n_bytes(tmp_path: Path, cut: int) -> None:
+    """The source-to-destination stream ends after ``cut`` bytes (inside HELLO, inside the
+    device state, ...): the source resumes, the destination writes nothing and never activates,
+    whatever the cut point (before SOURCE_INACTIVE)."""
+    run = run_pair(tmp_path, cut=cut)
+    src_resumed(run)
+    dst_untouched(run)
 
 
 @needs_state
@@ -483,6 +496,28 @@ def test_23_stale_or_replayed_frames(tmp_path: Path, how: str) -> None:
         assert run.dst["error"]["phase"] == "loaded"
         dst_untouched(run)
     src_resumed(run)
+
+
+def test_verification_mismatch_fails_activation(tmp_path: Path) -> None:
+    """INV-8 / scenario 14's negative control: SOURCE_INACTIVE reports witness digests that the
+    storage does not match (a stale view). The destination activates, verifies, finds the
+    difference, drops back to inactive and answers DEST_ACTIVATION_FAILED; the source takes its
+    images back and resumes. Stale data never reaches a guest."""
+
+    def rule(direction: str, mtype: int, index: int, raw: bytes) -> Any:
+        if direction == "s2d" and mtype == Msg.SOURCE_INACTIVE:
+            body = json.loads(raw[HEADER.size : -TRAILER.size])
+            for info in body["images"].values():
+                info["witnesses"][0][2] = "0" * 64
+            return ("replace", _reframe(raw, payload=json.dumps(body).encode()))
+        return "pass"
+
+    run = run_pair(tmp_path, rule=rule)
+    assert run.dst["error"]["phase"] == "activating"
+    assert "differs" in run.dst["error"]["message"]
+    dst_released(run)
+    src_resumed(run)
+    assert "DEST_ACTIVATION_FAILED" in run.src["error"]["message"]
 
 
 # ---------------------------------------------------------------------- geometry

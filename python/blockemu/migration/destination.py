@@ -347,7 +347,21 @@ class _Destination:
             m.inactivate()
             m.set_state("paused")
         self.phases.enter("running" if self.autostart else "paused")
-        self.ch.try_send(Msg.DEST_COMMITTED, {"epoch": new_epoch})
+        self.ch.try_send(
+            Msg.DEST_COMMITTED,
+            {
+                "epoch": new_epoch,
+                "report": {
+                    k: self.report[k]
+                    for k in (
+                        "reads_before_activation",
+                        "writes_before_activation",
+                        "activation_ms",
+                        "geometry",
+                    )
+                },
+            },
+        )
         kill_point("dst:after_commit")
         try:
             f = self._recv(self.deadline.cap(self.t.commit_ack))

@@ -176,18 +176,26 @@ class _Source:
         end = time.monotonic() + lock_timeout
         delay = 0.02
         while True:
-            if self._records_committed_elsewhere():
-                return "retired"
             try:
+                if self._records_committed_elsewhere():
+                    return "retired"
                 self.m.activate()
                 break
-            except LockError:
+            except (LockError, ValueError, OSError) as e:
+                # the lock is elsewhere, or the record cannot be read: stay in doubt for now
+                self.report["in_doubt_reason"] = f"{type(e).__name__}: {e}"
                 if time.monotonic() + delay >= end:
                     return "locked"
                 time.sleep(delay)
                 delay = min(delay * 2, 0.5)
         # Under the write lock now: nobody can commit any more. Read the record afresh.
-        if self._records_committed_elsewhere():
+        try:
+            committed = self._records_committed_elsewhere()
+        except (ValueError, OSError) as e:
+            self.m.inactivate()
+            self.report["in_doubt_reason"] = f"unreadable ownership record: {e}"
+            return "locked"
+        if committed:
             self.m.inactivate()
             return "retired"
         nodes = self.m.nodes
@@ -264,7 +272,12 @@ class _Source:
                 source_resumed=m.running,
             )
         self.phases.enter("connecting")
-        self._init_records()
+        try:
+            self._init_records()
+        except (ValueError, OSError) as e:
+            raise MigrationError(
+                f"ownership record: {e}", phase="connecting", source_resumed=m.running
+            ) from e
         for _, node in m.iter_nodes():
             if node.active:
                 node.enable_trace(256)
@@ -421,7 +434,11 @@ class _Source:
             self.report["cancel"] = "refused: the destination had committed"
         info = f.json()
         self.report["epoch"] = info.get("epoch")
-        self.report["destination_report"] = info.get("report", {})
+        dest = info.get("report", {})
+        if isinstance(dest, dict):
+            for key in ("reads_before_activation", "writes_before_activation", "activation_ms"):
+                if key in dest:
+                    self.report[key] = dest[key]
         self.report["destination_geometry"] = self.dest_geometry
         self.m.set_state("postmigrate")
         return self._finish("completed")
