@@ -199,7 +199,10 @@ class Machine:
                 f"vCPU state for {sorted(state)} but this machine has {sorted(self._vcpus)}"
             )
         for name, cpu in self._vcpus.items():
-            cpu.load(state[name])
+            try:
+                cpu.load(state[name])
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise StateError(f"vCPU {name}: malformed state ({e!r})") from None
 
     def __repr__(self) -> str:
         return f"<Machine {self._state} devices={sorted(self._devices)}>"

@@ -12,6 +12,7 @@ the nodes inactive and unwritten.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -246,9 +247,16 @@ class _Destination:
                 raise ProtocolError(f"state length {len(buf)} != announced {done.get('length')}")
             if hashlib.sha256(buf).hexdigest() != done.get("sha256"):
                 raise ProtocolError("state digest mismatch")
-            cpu = done.get("cpu", {})
+            split = done.get("state_length")
+            if not isinstance(split, int) or not 0 <= split <= len(buf):
+                raise ProtocolError(f"bad state_length {split!r}")
+            try:
+                cpu = json.loads(bytes(buf[split:]).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise ProtocolError(f"vCPU state is not JSON: {e}") from None
             if not isinstance(cpu, dict):
                 raise ProtocolError("vCPU state is not an object")
+            del buf[split:]
         except (PeerLost, ProtocolError) as e:
             raise self._stream_error(e, "receiving the device state") from None
         try:

@@ -12,6 +12,7 @@ source reclaim and resume; anything else leaves it paused and in doubt.
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 import time
 import uuid
@@ -331,9 +332,11 @@ class _Source:
         # -------------------------------------------------------------- S_SENDING_STATE
         self.phases.enter("sending_state")
         try:
-            data = m.save_state()
-            cpu = m.save_cpu_state()
-            self.report["state_bytes"] = len(data)
+            state = m.save_state()
+            cpu = json.dumps(m.save_cpu_state(), separators=(",", ":")).encode()
+            data = state + cpu  # the vCPU state (JSON) follows the device state in the stream
+            self.report["state_bytes"] = len(state)
+            self.report["cpu_state_bytes"] = len(cpu)
             self.report["geometry"] = geometry_of(m)
             for pos in range(0, max(1, len(data)), MAX_CHUNK):
                 self.ch.send(Msg.DEVICE_STATE, data[pos : pos + MAX_CHUNK])
@@ -342,12 +345,12 @@ class _Source:
                 Msg.DEVICE_STATE_DONE,
                 {
                     "length": len(data),
+                    "state_length": len(state),
                     "sha256": hashlib.sha256(data).hexdigest(),
-                    "cpu": cpu,
                 },
             )
             f = self._recv(self.deadline.cap(self.t.state_loaded), (Msg.STATE_LOADED,))
-        except (OSError, BlockemuError, PeerLost, ProtocolError, _Cancel) as e:
+        except (OSError, BlockemuError, ValueError, PeerLost, ProtocolError, _Cancel) as e:
             raise self._fail_resume(f"sending the device state failed: {e}") from e
         if f.type == Msg.STATE_LOADED:
             self.dest_geometry = f.json().get("geometry")
