@@ -215,13 +215,50 @@ class _Source:
         self.report["reclaimed_epoch"] = new_epoch
         return "reclaimed"
 
+    def _listen(self, timeout: float) -> tuple[str, Frame | None]:
+        """S_IN_DOUBT with the connection still open: keep listening (the destination may only
+        be slow, spec §13 scenario 22) and watch the ownership record. Returns "committed",
+        "failed" (the destination said it will not commit), "retired" (the record says it
+        did), "dead" (the connection is gone or sent garbage) or "silent"."""
+        if self.ch is None or self.ch.closed:
+            return "dead", None
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if self._records_committed_elsewhere():
+                    return "retired", None
+            except (ValueError, OSError):
+                pass
+            try:
+                f = self.ch.recv(min(0.1, max(0.0, end - time.monotonic())))
+            except PeerTimeout:
+                continue
+            except (PeerLost, ProtocolError):
+                return "dead", None
+            if f.type == Msg.DEST_COMMITTED:
+                return "committed", f
+            if f.type in (Msg.DEST_ACTIVATION_FAILED, Msg.ABORT_ACK, Msg.ABORT):
+                return "failed", f
+        return "silent", None
+
     def _settle(self, why: str, *, definite: bool) -> dict[str, Any]:
         """After SOURCE_INACTIVE: reclaim when the destination definitely did not commit (or the
-        record, under the lock, says so); retire when it committed; otherwise stay in doubt."""
+        record, under the lock, says so); retire when it committed; otherwise stay in doubt.
+        While the connection stays open the source first listens (up to ``in_doubt``) and only
+        then looks for the write lock; a closed connection goes to the lock at once."""
         failed_phase = self.phases.current
         self.phases.enter("reclaiming" if definite else "in_doubt")
-        limit = self.t.lock if definite else self.t.in_doubt
-        outcome = self._try_reclaim(max(0.1, self.deadline.cap(limit)))
+        if not definite:
+            heard, f = self._listen(self.deadline.cap(self.t.in_doubt))
+            self.report["in_doubt"] = heard
+            if heard == "committed" and f is not None:
+                return self._commit(f, False)
+            if heard == "retired":
+                self.m.set_state("postmigrate")
+                self.report["resolved_by"] = "ownership record"
+                return self._finish("completed")
+        limit = self.t.lock if definite else max(self.t.lock, self.t.in_doubt)
+        outcome = self._try_reclaim(max(0.5, self.deadline.cap(limit)))
         if outcome == "retired":
             self.m.set_state("postmigrate")
             self.report["resolved_by"] = "ownership record"
