@@ -280,7 +280,14 @@ class IdeChannel:
 @final
 class VirtioBlk:
     """A virtio-blk device on virtio-mmio (version 2): registers at 0x000-0x0ff, config space
-    at 0x100. Requests run in the background; a QueueNotify never waits for storage."""
+    at 0x100. Requests run in the background; a QueueNotify never waits for storage.
+
+    A reset (Status = 0) or QueueReset returns at once: requests already on the backend finish
+    there but their completions are dropped (the old rings are never touched again). Until
+    they have finished, Status reads back non-zero (QueueReset reads 1); a driver that waits
+    for 0 knows the device no longer writes into its old buffers. ``mmio_read``/``mmio_write``
+    raise ``ValueError`` only for the caller's bad offset/size/value; anything a guest writes
+    has a device outcome (e.g. DEVICE_NEEDS_RESET, see ``needs_reset_reason``)."""
 
     def __new__(
         cls,

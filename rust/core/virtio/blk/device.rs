@@ -221,6 +221,8 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 struct After {
     runners: Vec<usize>,
     kick_prefetch: bool,
+    /// Wake `wait_irq` sleepers (done after unlocking, so they do not wake into a held lock).
+    wake_irq: bool,
 }
 
 impl VirtioBlk {
@@ -609,6 +611,9 @@ impl Shared {
     }
 
     fn after(self: &Arc<Self>, after: After) {
+        if after.wake_irq {
+            self.irq_cv.notify_all();
+        }
         for qi in after.runners {
             let me = self.clone();
             self.io.spawn(move || me.run_queue(qi));
@@ -928,7 +933,7 @@ impl Shared {
             return;
         }
         // Completions made right here (no storage) are raised now unless runners follow.
-        self.deliver(st, qi, false);
+        after.wake_irq |= self.deliver(st, qi, false);
         self.want_runner(st, qi, after);
     }
 
@@ -1079,25 +1084,26 @@ impl Shared {
 
     /// Raises the used-buffer notifications decided for queue `qi`, unless the queue's fast
     /// requests are still being worked through (see [`publish`](Self::publish)).
-    fn deliver(&self, st: &mut State, qi: usize, force: bool) {
+    fn deliver(&self, st: &mut State, qi: usize, force: bool) -> bool {
         let slot = &mut st.queues[qi];
         if slot.irq_deferred == 0
             || !(force || slot.pending.is_empty() || slot.irq_deferred >= MAX_DEFERRED)
         {
-            return;
+            return false;
         }
         slot.irq_deferred = 0;
         let was = self.isr.fetch_or(INT_USED, Ordering::AcqRel);
-        if was == 0 {
-            // Waiters wait for a non-zero InterruptStatus: wake them on the edge only.
-            self.wake_irq(st);
-        }
+        // Waiters wait for a non-zero InterruptStatus: wake them on the edge only (the caller
+        // notifies once the state lock is released: a waiter checks InterruptStatus under the
+        // lock before it sleeps, so the wake-up cannot be missed).
+        was == 0 && st.irq_waiters > 0
     }
 
     /// A runner: claims pending requests of queue `qi` one at a time until none is left.
     fn run_queue(self: Arc<Self>, qi: usize) {
         let mut st = self.lock();
         st.queues[qi].starting -= 1;
+        let mut wake = false;
         loop {
             let slot = &mut st.queues[qi];
             let Some(p) = slot.pending.pop_front() else {
@@ -1108,7 +1114,10 @@ impl Shared {
             slot.running += 1;
             st.busy += 1;
             let writeback = st.writeback;
-            let mut after = After::default();
+            let mut after = After {
+                wake_irq: std::mem::take(&mut wake),
+                ..After::default()
+            };
             self.want_runner(&mut st, qi, &mut after);
             drop(st);
             self.after(after);
@@ -1133,12 +1142,16 @@ impl Shared {
                 slot.running -= 1;
                 if !st.broken {
                     self.publish(&mut st, qi, p.head, Some((p.status_addr, status)), used);
-                    self.deliver(&mut st, qi, slow_op);
+                    wake |= self.deliver(&mut st, qi, slow_op);
                 }
             }
         }
         if st.busy == 0 && st.queues.iter().all(|q| q.pending.is_empty()) {
             self.wake_idle(&st);
+        }
+        drop(st);
+        if wake {
+            self.irq_cv.notify_all();
         }
     }
 
