@@ -433,6 +433,15 @@ def test_13_partition_before_source_inactive(tmp_path: Path) -> None:
     dst_untouched(run)
 
 
+def test_22_slow_activation_does_not_make_the_source_resume(tmp_path: Path) -> None:
+    """The destination takes longer than T_activate to activate: the source goes in doubt but
+    keeps listening instead of resuming; the destination commits; the source learns it and
+    retires."""
+    run = run_pair(tmp_path, dst={"delay_at": {"activating": 2.0}})
+    completed(run)
+    assert run.src["report"]["in_doubt"] == "committed"
+
+
 # ---------------------------------------------------------------------- cancel, flush error
 
 
