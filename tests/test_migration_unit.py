@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import blockemu
 import migration_fakestate
 from blockemu import GuestMemory, IdeChannel, IdeDisk, Machine, MigrationError, VirtioBlk
+from blockemu.guest import GuestWorkload
 from blockemu.migration import Timeouts, incoming, migrate, read_record
 from blockemu.migration.common import parse_uri
 from blockemu.migration.frames import (
@@ -346,3 +347,35 @@ def test_destination_refuses_active_nodes(tmp_path: Path) -> None:
     th.join()
     assert ei.value.source_resumed and a.running
     assert errs and "active=False" in str(errs[0])
+
+
+def test_machine_load_state_error_changes_nothing(tmp_path: Path) -> None:
+    """A tampered or mismatched state raises StateError and leaves the machine as it was."""
+    blockemu.create_image(tmp_path / "d.img", 1 << 20)
+    a = build(tmp_path, active=True)
+    ram = a.devices["ram"]
+    assert isinstance(ram, GuestMemory)
+    ram.write(0x5000, b"guest")
+    a.stop()
+    data = a.save_state()
+    a.inactivate()
+    b = build(tmp_path, active=False)
+    bram = b.devices["ram"]
+    assert isinstance(bram, GuestMemory)
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0x55
+    with pytest.raises(blockemu.StateError):
+        b.load_state(bytes(bad))
+    with pytest.raises(blockemu.StateError):
+        b.load_state(data[:-5])
+    assert bram.read(0x5000, 5) == bytes(5)
+    assert b.nodes["vblk0"].stats()["reads"] == 0
+    b.load_state(data)
+    assert bram.read(0x5000, 5) == b"guest"
+    assert b.nodes["vblk0"].stats()["reads"] == 0  # the geometry came from the state
+    b.load_cpu_state({})
+    b.add_vcpu("cpu0", GuestWorkload())
+    with pytest.raises(blockemu.StateError):
+        b.load_cpu_state({"cpu0": {"seq": "x"}})
+    with pytest.raises(blockemu.StateError):
+        b.load_cpu_state({})

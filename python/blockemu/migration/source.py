@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from blockemu._core import describe_state
 from blockemu.errors import BlockemuError, LockError, MigrationError
 from blockemu.machine import Machine
 from blockemu.migration.common import (
@@ -373,6 +374,10 @@ class _Source:
             cpu = json.dumps(m.save_cpu_state(), separators=(",", ":")).encode()
             data = state + cpu  # the vCPU state (JSON) follows the device state in the stream
             self.report["state_bytes"] = len(state)
+            self.report["sections"] = [
+                {"name": sec["name"], "kind": sec["kind"], "size": sec["size"]}
+                for sec in describe_state(state)
+            ]
             self.report["cpu_state_bytes"] = len(cpu)
             self.report["geometry"] = geometry_of(m)
             for pos in range(0, max(1, len(data)), MAX_CHUNK):
