@@ -75,12 +75,14 @@ fn mid_pio_read_continues_on_the_destination_without_reading_the_mbr() {
         "geometry travelled"
     );
     assert_eq!(d.g.alt() & 0x88, 0x08, "DRQ, not BSY");
-    assert_eq!(d.g.bytes(256), pattern(100)[256..]);
+    assert_eq!(d.g.bytes(254), pattern(100)[256..510]);
     assert_eq!(
         reads(&d.g.node),
         0,
         "the rest of the block came with the state"
     );
+    // The last word ends the block: the next one is fetched from the image.
+    assert_eq!(d.g.bytes(2), pattern(100)[510..]);
     for k in 101..104 {
         d.g.settle();
         assert_eq!(d.g.bytes(512), pattern(k), "sector {k}");

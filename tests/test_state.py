@@ -173,3 +173,37 @@ def test_one_device_conveniences() -> None:
     assert d.ide.master is not None and d.ide.master.geometry is not None
     with pytest.raises(blockemu.StateError, match="is a ide state"):
         d.vio.load_state(ide_state)
+
+
+def test_geometry_travels_or_is_refused() -> None:
+    """Scenario 24: a configured geometry must match the state's; without one, the state's is
+    installed and the destination never reads its MBR."""
+    data = _pattern()
+    s = _Set(data, started=True)
+    AtaDriver(s.ide).probe()
+    s.stop()
+    state = s.ide.save_state()
+    assert s.ide.master is not None
+    geometry = s.ide.master.geometry
+    assert geometry is not None
+
+    node = blockemu.memory_node(SIZE)
+    mem = blockemu.GuestMemory(1 << 20)
+    pinned = blockemu.IdeChannel(
+        blockemu.IdeDisk(node, cyls=geometry.cyls + 1, heads=geometry.heads, secs=geometry.secs),
+        memory=mem,
+    )
+    with pytest.raises(blockemu.StateError, match="geometry mismatch"):
+        pinned.load_state(state)
+    same = blockemu.IdeChannel(
+        blockemu.IdeDisk(node, cyls=geometry.cyls, heads=geometry.heads, secs=geometry.secs),
+        memory=mem,
+    )
+    same.load_state(state)
+
+    free = blockemu.IdeChannel(blockemu.IdeDisk(node), memory=mem)
+    free.load_state(state)
+    free.start()
+    free.stop()
+    assert free.master is not None and free.master.geometry == geometry
+    assert node.stats()["reads"] == 0

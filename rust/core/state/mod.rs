@@ -24,6 +24,7 @@
 //! ```
 
 pub mod crc;
+pub mod fuzz;
 pub mod ide;
 pub mod memory;
 pub mod stream;
@@ -34,6 +35,7 @@ use crate::guest_memory::GuestMemory;
 use crate::ide::IdeChannel;
 use crate::virtio::VirtioBlk;
 use crate::{Error, Result};
+pub use stream::MAX_SECTION_SIZE;
 use stream::{Section, SectionOut};
 
 /// One device taking part in a save or load.

@@ -622,4 +622,69 @@ mod tests {
         let e = sec.subsections(&[("extra", 0)]).unwrap_err();
         assert!(e.message().contains("unsupported version 1"), "{e}");
     }
+
+    /// The record of one section named `name` (as `write` frames it).
+    fn record(name: &str) -> Vec<u8> {
+        let s = write(&[SectionOut {
+            name: name.into(),
+            kind: "test",
+            instance: 0,
+            version: 1,
+            fields: vec![1, 2],
+            subsections: vec![],
+        }])
+        .unwrap();
+        s[HEADER_LEN..s.len() - 9].to_vec()
+    }
+
+    fn framed(records: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        for r in records {
+            out.extend_from_slice(r);
+        }
+        let crc = crc32c(&out);
+        out.push(TAG_END);
+        out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        let many: Vec<Vec<u8>> = (0..=MAX_SECTIONS)
+            .map(|i| record(&format!("d{i}")))
+            .collect();
+        assert_eq!(
+            parse(&framed(&many[..MAX_SECTIONS])).unwrap().len(),
+            MAX_SECTIONS
+        );
+        let e = parse(&framed(&many)).unwrap_err();
+        assert!(e.message().contains("more than 256 sections"), "{e}");
+        let e = parse(&framed(&[record("a"), record("a")])).unwrap_err();
+        assert!(e.message().contains("two sections for \"a\""), "{e}");
+        // A name longer than the bound, and an empty one.
+        let mut long = record("x");
+        long[1] = (MAX_NAME_LEN + 1) as u8;
+        let e = parse(&framed(&[long])).unwrap_err();
+        assert!(e.message().contains("name length 65"), "{e}");
+        let mut empty = record("x");
+        empty[1] = 0;
+        assert!(parse(&framed(&[empty])).is_err());
+        // A body length beyond the bound is refused before anything is sliced.
+        let mut huge = record("x");
+        let at = 1 + 2 + 1 + 4 + 8;
+        huge[at..at + 8].copy_from_slice(&(MAX_SECTION_SIZE + 1).to_le_bytes());
+        let e = parse(&framed(&[huge])).unwrap_err();
+        assert!(e.message().contains("body length"), "{e}");
+        assert!(write(&[SectionOut {
+            name: "bad name\n".into(),
+            kind: "test",
+            instance: 0,
+            version: 1,
+            fields: vec![],
+            subsections: vec![],
+        }])
+        .is_err());
+    }
 }

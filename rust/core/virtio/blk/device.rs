@@ -40,12 +40,14 @@ use crate::guest_memory::GuestMemory;
 use crate::interrupt;
 use crate::jobs::{GeometryPrefetch, IoPool, WorkerPool};
 use crate::state::virtio::{QueueImage, VirtioImage};
-use crate::{Error, Result, SECTOR_SIZE};
+use crate::{Error, ErrorKind, Result, SECTOR_SIZE};
 
 /// Backend operations mostly slower than this are blocking I/O: run requests in parallel.
 pub const SLOW_NS: u64 = 10_000;
 /// Used-buffer notifications a runner may hold back while it works through fast requests.
 const MAX_DEFERRED: u32 = 32;
+/// How long a save waits for a geometry read in progress.
+const PREFETCH_WAIT: Duration = Duration::from_secs(30);
 /// Runners started by one call at most (new runners start more).
 const WAKE_BATCH: usize = 8;
 
@@ -527,6 +529,19 @@ impl VirtioBlk {
     /// The migratable state; refused unless stopped and drained.
     pub(crate) fn capture(&self) -> Result<VirtioImage> {
         let sh = &self.shared;
+        // The geometry read (one sector) is part of draining: let it finish so that the
+        // geometry travels and the destination never reads the MBR.
+        if let Some(job) = sh.prefetch.job() {
+            if !job.is_done() {
+                if let Err(e) = job.wait(Some(PREFETCH_WAIT)) {
+                    if matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Interrupted) {
+                        return Err(Error::state(
+                            "device is running; stop it first (its geometry read is in progress)",
+                        ));
+                    }
+                }
+            }
+        }
         let st = sh.lock();
         if !st.stopped {
             return Err(Error::state("device is running; stop it first"));
@@ -577,8 +592,10 @@ impl VirtioBlk {
             slot.deferred = q.ready;
         }
         sh.isr.store(img.isr, Ordering::Release);
-        if img.isr != 0 {
-            sh.wake_irq(&st);
+        let wake = img.isr != 0 && st.irq_waiters > 0;
+        drop(st);
+        if wake {
+            sh.irq_cv.notify_all();
         }
     }
 
