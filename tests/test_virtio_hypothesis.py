@@ -11,6 +11,7 @@ A few hundred examples in all (the suite has a 300 s budget on a 2-core machine)
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +29,9 @@ from virtio_targets import BlockemuVirtio, blockemu_has_virtio, make_image
 if not blockemu_has_virtio():
     pytest.skip("blockemu.VirtioBlk does not exist yet", allow_module_level=True)
 
+EXAMPLES = int(os.environ.get("VIRTIO_HYPOTHESIS_EXAMPLES", "250"))  # more for a deep local run
 SETTINGS = settings(
-    max_examples=250,
+    max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     derandomize=True,

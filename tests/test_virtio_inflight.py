@@ -31,6 +31,10 @@ def rig() -> Iterator[tuple[Any, Any, VirtioBlkDriver]]:
     mem = blockemu.GuestMemory(16 << 20)
     dev = blockemu.VirtioBlk(node, mem, serial="EMU-VIRTIO-0001")
     dev.start()
+    # The geometry prefetch reads sector 0 after start(): let it finish before faults are armed.
+    deadline = time.monotonic() + 5
+    while dev.geometry is None and time.monotonic() < deadline:
+        time.sleep(0.001)
     d = VirtioBlkDriver(dev, mem, layout=LAYOUT, queue_size=Q)
     d.probe()
     yield faults, dev, d

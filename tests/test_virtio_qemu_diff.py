@@ -15,6 +15,7 @@ Until blockemu's VirtioBlk exists, the programs run on QEMU twice (determinism o
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import struct
 import time
@@ -649,6 +650,16 @@ def random_request(rng: random.Random, d: VirtioBlkDriver, free: list[int]) -> R
     return Request(v.T_IN, rng.randrange(1 << 64), in_len=512)
 
 
+def descriptors(r: Request) -> int:
+    """How many ring descriptors ``r`` takes."""
+    if r.mode == "indirect":
+        return 1
+    if r.split is not None:
+        return len(r.split) + len(r.zero_len_at)
+    parts = (len(r.header_bytes()), len(r.data), r.in_len, r.status_len)
+    return sum(1 for n in parts if n) + len(r.zero_len_at)
+
+
 def make_random_program(seed: int) -> Program:
     def prog(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
         rng = random.Random(seed)
@@ -657,6 +668,8 @@ def make_random_program(seed: int) -> Program:
             free = [32 * i for i in range(SECTORS // 32 - 1)]
             rng.shuffle(free)
             reqs = [random_request(rng, d, free) for _ in range(rng.randrange(1, 24))]
+            while sum(descriptors(r) for r in reqs) > d.free_descs():
+                reqs.pop()
             observe(rec, d, f"batch{b}", reqs)
         observe(rec, d, "final-read", [Request(v.T_IN, 0, in_len=SECTORS * 512 // 8)])
 
@@ -820,23 +833,51 @@ def p_big_requests(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
     )
 
 
-def test_narrow_register_access_matches_qemu(base_image: Path, tmp_path: Path) -> None:
-    """Byte/halfword or misaligned accesses to registers below 0x100: QEMU's virtio-mmio logs a
-    guest error and reads 0 / ignores the write; blockemu raises ValueError (not a documented
-    divergence; reported to the device's author)."""
+def p_event_idx_wrap(rec: Rec, d: VirtioBlkDriver, t: Any) -> None:
+    """§10 #22 on both: used.idx driven to 65530 by batches of cheap reads, then
+    used_event = 65534 and 10 requests: one notification, used.idx wraps to 4."""
+    n = 120
+    d.prepare_reads(n, 512)
+    done = 0
+    while done < 65530:
+        k = min(n, 65530 - done)
+        assert d.resubmit([8] * k) == bytes(k)
+        done += k
+    d.release_reads()
+    rec.add("used", d.used_idx())
+    d.ack_interrupts()
+    observe(rec, d, "wrap", [Request(v.T_IN, i, in_len=512) for i in range(10)], used_event=65534)
+    rec.add("after", (d.used_idx(), d.avail_event()))
+    observe(rec, d, "no-cross", [Request(v.T_IN, 0, in_len=512)], used_event=2)
+
+
+def register_details(t: Any) -> dict[str, Any]:
+    """Register-level details outside the spec's policy table."""
+    out: dict[str, Any] = {"ConfigGeneration at start": t.mmio_read(v.REG_CONFIG_GENERATION)}
+    for off, size in ((0x000, 1), (0x000, 2), (0x002, 2), (0x070, 1), (0x0FC, 2)):
+        try:
+            val: Any = t.mmio_read(off, size)
+        except ValueError as e:
+            val = f"ValueError: {e}"
+        out[f"{size}-byte read at {off:#05x}"] = val
+    t.mmio_write(v.REG_DEVICE_FEATURES_SEL, 2)
+    out["DeviceFeatures with DeviceFeaturesSel = 2"] = t.mmio_read(v.REG_DEVICE_FEATURES)
+    return out
+
+
+def test_register_details_match_qemu(base_image: Path, tmp_path: Path) -> None:
+    """Differences found here are not in spec §6/§11 (reported to the device's author): QEMU
+    reads 0 for byte/halfword/misaligned register accesses (blockemu raises ValueError),
+    ConfigGeneration starts at 0 (blockemu's moved once when the geometry became known), and
+    DeviceFeaturesSel >= 2 reads the high feature word again (blockemu reads 0)."""
     seen = []
     for target in targets_for(tmp_path, base_image):
         try:
-            row = []
-            for off, size in ((0x000, 1), (0x000, 2), (0x002, 2), (0x070, 1), (0x0FC, 2)):
-                try:
-                    row.append(target.mmio_read(off, size))
-                except ValueError as e:
-                    row.append(f"ValueError: {e}")
-            seen.append((target.name, row))
+            seen.append(register_details(target))
         finally:
             target.close()
-    assert seen[0][1] == seen[1][1], seen
+    diffs = {k: (seen[0][k], seen[1][k]) for k in seen[0] if seen[0][k] != seen[1][k]}
+    assert not diffs, "(qemu, blockemu): " + repr(diffs)
 
 
 PROGRAMS: dict[str, tuple[Program, dict[str, Any]]] = {
@@ -872,12 +913,13 @@ PROGRAMS: dict[str, tuple[Program, dict[str, Any]]] = {
     "avail-event": (p_avail_event, {}),
     "queue-policies": (p_queue_policies, {}),
     "big-requests": (p_big_requests, {}),
+    "event-idx-wrap": (p_event_idx_wrap, {}),
     **{
         f"random-{seed}": (
             make_random_program(seed),
             [{}, {"event_idx": False}, {"indirect": False}, {"queue_size": 64}][seed % 4],
         )
-        for seed in range(12)
+        for seed in range(int(os.environ.get("VIRTIO_DIFF_RANDOM", "12")))
     },
 }
 
@@ -950,15 +992,3 @@ def test_divergences_are_documented() -> None:
     src = Path(__file__).read_text()
     for key in KNOWN_DIVERGENCES:
         assert src.count(f'"{key}"') >= 2, f"divergence {key} is never exercised"
-
-
-def test_config_generation_matches_qemu(base_image: Path, tmp_path: Path) -> None:
-    """ConfigGeneration after start: QEMU 0; blockemu bumps it when the geometry prefetch
-    completes (not a documented divergence; reported to the device's author)."""
-    gens = []
-    for target in targets_for(tmp_path, base_image):
-        try:
-            gens.append((target.name, target.mmio_read(v.REG_CONFIG_GENERATION)))
-        finally:
-            target.close()
-    assert gens[0][1] == gens[1][1], gens

@@ -379,6 +379,8 @@ class VirtioBlkDriver:
         self._fast: _FastReads | None = None
         #: With False, setup_queue writes any QueueSize (tests of a device's checks).
         self.strict = True
+        #: Configuration-change interrupts acknowledged while waiting for used elements.
+        self.config_changes = 0
 
     # ------------------------------------------------------------------ registers
 
@@ -674,6 +676,8 @@ class VirtioBlkDriver:
         else:
             raise ValueError(f"mode {req.mode!r}")
         ndirect = len(direct) + (1 if inner else 0)
+        if ndirect == 0:
+            raise ValueError("a request needs at least one descriptor")
         idx = self._take_descs(ndirect)
         sub.descs = idx
         sub.head = idx[0]
@@ -739,6 +743,11 @@ class VirtioBlkDriver:
             now = time.monotonic()
             if now >= deadline:
                 raise VirtioTimeoutError(f"{ready} of {n} used elements after the timeout")
+            if ack and self.device.irq and self.interrupt_status() & INT_CONFIG:
+                # A configuration change (e.g. the geometry became known): handle it like a
+                # guest would, else the level-triggered line keeps wait_irq from sleeping.
+                self.set_reg(REG_INTERRUPT_ACK, INT_CONFIG)
+                self.config_changes += 1
             self.device.wait_irq(min(pause, deadline - now))
             pause = min(pause * 2, 0.02)
         elems = self.read_used(self.last_used, n)
