@@ -442,6 +442,44 @@ def test_22_slow_activation_does_not_make_the_source_resume(tmp_path: Path) -> N
     assert run.src["report"]["in_doubt"] == "committed"
 
 
+def test_17_third_party_takes_the_lock_in_the_gap(tmp_path: Path) -> None:
+    """A third process grabs the write lock between the source's inactivation and the
+    destination's activation: the destination's activation fails, the source's reclaim fails on
+    the same lock, and the source stays paused with a clear error. Nobody writes."""
+    fds: list[int] = []
+
+    def third_party(images: dict[str, Path]) -> None:
+        deadline = time.monotonic() + 20
+        while not write_lock_held(images["virtio"]):  # the source runs...
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        while write_lock_held(images["virtio"]):  # ...and lets go at inactivation
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        fd = os.open(images["virtio"], os.O_RDWR)
+        fds.append(fd)
+        for byte in (101, 201):  # hold write, refuse to share write: an active writer
+            fcntl.fcntl(fd, 38, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, byte, 1, 0))
+
+    try:
+        run = run_pair(
+            tmp_path, dst={"delay_at": {"activating": 0.3}}, during=third_party, workload=False
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert run.dst["error"]["phase"] == "activating"
+    assert "lock" in run.dst["error"]["message"]
+    dst_released(run)
+    s = run.src
+    assert not s["ok"] and s["error"]["source_resumed"] is False
+    assert s["running_after"] is False
+    assert s["error"]["phase"] == "in_doubt"
+    for name, info in s["nodes"].items():
+        assert not info["active"], name
+        assert info["stats"]["writes"] == 0, name
+
+
 # ---------------------------------------------------------------------- cancel, flush error
 
 
