@@ -9,12 +9,13 @@ activity/stats/locks, and the read-back check of the acknowledged writes.
 Config keys: ``role`` ("source"/"destination"), ``uri``, ``ide``/``virtio`` (image paths or
 null), ``ide_geometry`` ([c, h, s] user geometry of the IDE disk), ``ram``, ``timeout``,
 ``timeouts`` (overrides), ``workload`` (null or {"inflight", "run_for", "ack_log"}), ``fault``
-({"device", "op", "n", "count", "arm_at"}: a FaultInjector rule armed when the coordinator
-enters phase ``arm_at``), ``cancel_at`` (a phase), ``delay_at`` ({phase: seconds}: sleep on
-entering it), ``exec_at`` ({phase: argv}: run a command on entering it), ``autostart``,
-``after`` (seconds the guest runs after the migration), ``hold`` (seconds to stay alive at the
-end, locks held), ``open_error`` (the destination cannot open its image), ``ready_file`` (the
-destination writes it once listening), ``verify``.
+({"device", "op", "n", "count", "arm_at"}: a FaultInjector rule, or op "stall", armed when
+the coordinator enters phase ``arm_at``), ``release_after`` (release stalls after the
+migration), ``cancel_at`` (a phase), ``delay_at`` ({phase: seconds}: sleep on entering it),
+``exec_at`` ({phase: argv}: run a command on entering it), ``autostart``, ``after`` (seconds
+the guest runs after the migration), ``hold`` (seconds to stay alive at the end, locks held),
+``open_error`` (the destination cannot open its image), ``ready_file`` (the destination writes
+it once listening), ``verify``.
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ def main() -> int:
         fault = cfg.get("fault")
         if fault and fault.get("arm_at") == name:
             fi = holder["faults"][fault["device"]]
-            fi.fail_nth(int(fault.get("n", 1)), op=fault["op"], count=int(fault.get("count", 1)))
+            if fault["op"] == "stall":
+                fi.stall()
+            else:
+                n, count = int(fault.get("n", 1)), int(fault.get("count", 1))
+                fi.fail_nth(n, op=fault["op"], count=count)
         delay = cfg.get("delay_at", {}).get(name)
         if delay:
             time.sleep(float(delay))
@@ -141,6 +146,9 @@ def main() -> int:
                 }
             out["running_after"] = m.running
             out["state_after"] = m.state
+            if cfg.get("release_after"):
+                for fi in holder["faults"].values():
+                    fi.release()
             if m.running and wl is not None:
                 time.sleep(float(cfg.get("after", 0.1)))
                 wl.pause()  # the guest stops writing; the devices keep serving its reads

@@ -520,6 +520,25 @@ def test_20_flush_fails_at_stop(tmp_path: Path) -> None:
     dst_untouched(run)
 
 
+@needs_state
+def test_stop_timeout_resumes(tmp_path: Path) -> None:
+    """T_stop: the virtio disk's storage stalls at stop; draining and flushing do not finish
+    within T_stop, so the source cancels before sending any state and resumes with its images
+    still active. Once the storage recovers, the guest's writes complete."""
+    fault = {"device": "virtio", "op": "stall", "arm_at": "stopping"}
+    run = run_pair(
+        tmp_path,
+        inflight=True,
+        src={"fault": fault, "release_after": True, "timeouts": {**FAST, "stop": 0.3}},
+    )
+    s = run.src
+    assert not s["ok"] and s["error"]["phase"] == "stopping", s
+    assert "drain/flush at stop failed" in s["error"]["message"]
+    assert "sending_state" not in s["phases_seen"]
+    src_resumed(run)
+    dst_untouched(run)
+
+
 # ---------------------------------------------------------------------- stale frames
 
 

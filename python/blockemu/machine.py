@@ -16,6 +16,7 @@ devices; their state (a JSON-able dict) travels with the migration.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -114,10 +115,19 @@ class Machine:
             cpu.resume()
         self._state = "running"
 
-    def stop(self) -> None:
-        """Pauses the vCPUs, then drains in-flight I/O of every device (their ``stop()``)."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Pauses the vCPUs, then drains in-flight I/O of every device (their ``stop()``).
+
+        With ``timeout``, virtio-blk devices are drained first within that many seconds in
+        all; when they do not drain, ``TimeoutError`` is raised with the vCPUs paused and the
+        devices still started, so :meth:`start` resumes the guest as it was."""
         for cpu in self._vcpus.values():
             cpu.pause()
+        if timeout is not None:
+            end = time.monotonic() + timeout
+            for dev in self._devices.values():
+                if isinstance(dev, VirtioBlk):
+                    dev.drain(max(0.0, end - time.monotonic()))
         for dev in self._devices.values():
             if isinstance(dev, IdeChannel | VirtioBlk):
                 dev.stop()
@@ -142,11 +152,19 @@ class Machine:
     def nodes(self) -> dict[str, BlockNode]:
         return dict(self.iter_nodes())
 
-    def flush(self) -> None:
-        """Flushes every active, writable node (raises the first error)."""
-        for _, node in self.iter_nodes():
-            if node.active and not node.readonly:
+    def flush(self, timeout: float | None = None) -> None:
+        """Flushes every active, writable node (raises the first error). With ``timeout`` the
+        flushes run on the worker pool and ``TimeoutError`` is raised when they have not all
+        finished within that many seconds (they go on in the background)."""
+        nodes = [n for _, n in self.iter_nodes() if n.active and not n.readonly]
+        if timeout is None:
+            for node in nodes:
                 node.flush()
+            return
+        end = time.monotonic() + timeout
+        jobs = [node.flush_async() for node in nodes]
+        for job in jobs:
+            job.result(max(0.0, end - time.monotonic()))
 
     def inactivate(self) -> None:
         """Inactivates every node (flush, then release the write lock). Inactivating an

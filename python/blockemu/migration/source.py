@@ -362,8 +362,9 @@ class _Source:
         self.phases.enter("stopping")
         self.stop_time = time.monotonic()
         try:
-            m.stop()
-            m.flush()
+            end = time.monotonic() + max(0.01, self.deadline.cap(self.t.stop))
+            m.stop(timeout=end - time.monotonic())
+            m.flush(timeout=max(0.0, end - time.monotonic()))
         except (OSError, BlockemuError) as e:
             raise self._fail_resume(f"drain/flush at stop failed: {e}") from e
 
