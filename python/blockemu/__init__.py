@@ -39,6 +39,7 @@ from blockemu.errors import (
     StateError,
 )
 from blockemu.jobs import Job
+from blockemu.machine import Machine
 
 __all__ = [
     "BlockNode",
@@ -53,6 +54,7 @@ __all__ = [
     "InactiveError",
     "Job",
     "LockError",
+    "Machine",
     "MigrationError",
     "OutOfRangeError",
     "ReadOnlyError",

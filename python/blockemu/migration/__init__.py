@@ -1,0 +1,48 @@
+"""Live migration of a :class:`~blockemu.Machine` between two processes (specs/migration.md §12).
+
+:func:`migrate` (source) and :func:`incoming` (destination) speak a framed protocol
+(:mod:`blockemu.migration.frames`) over ``tcp:HOST:PORT`` or ``unix:PATH``::
+
+    HELLO → HELLO_ACK | REFUSE | PREPARE_FAILED     (the destination prepares: no image reads)
+    [source stops the guest, drains, flushes]
+    DEVICE_STATE… DEVICE_STATE_DONE → STATE_LOADED | LOAD_FAILED
+    [source: witnesses, inactivate = flush + release the write lock]
+    SOURCE_INACTIVE → DEST_ACTIVATED | DEST_ACTIVATION_FAILED
+    [destination: ownership record owner=destination, epoch N+1 — the commit point]
+    DEST_COMMITTED → COMMIT_ACK
+    ABORT → ABORT_ACK (either side), PING/PONG (ignored)
+
+HELLO and PREPARE of the spec are merged (HELLO carries the image list; HELLO_ACK means
+PREPARED). Guarantees: the destination reads and writes nothing before SOURCE_INACTIVE and never
+activates without it; the source resumes only while it still owns its images, or after it took the
+write lock back and found the ownership record (:mod:`blockemu.migration.ownership`) unchanged; a
+timeout only ever moves a side to a safer state. A source that cannot tell whether the destination
+committed stays paused with inactive images ("in doubt") and raises :class:`MigrationError` with
+``source_resumed=False``; when the record shows the destination committed, the source retires and
+:func:`migrate` returns the report with ``resolved_by="ownership record"``.
+
+Test hook: ``BLOCKEMU_MIGRATION_KILL_AT=<point>`` SIGKILLs the process at a named point:
+``src:after_hello``, ``src:mid_state`` (after the first DEVICE_STATE frame),
+``src:inactivating`` (after the final flush, before the images are released),
+``src:after_source_inactive``, ``dst:after_loaded``, ``dst:after_activated`` (before the
+ownership record), ``dst:after_commit``.
+"""
+
+from __future__ import annotations
+
+from blockemu.migration.common import KILL_ENV, Timeouts
+from blockemu.migration.destination import incoming
+from blockemu.migration.frames import Msg, ProtocolError
+from blockemu.migration.ownership import OwnerRecord, read_record
+from blockemu.migration.source import migrate
+
+__all__ = [
+    "KILL_ENV",
+    "Msg",
+    "OwnerRecord",
+    "ProtocolError",
+    "Timeouts",
+    "incoming",
+    "migrate",
+    "read_record",
+]

@@ -1,0 +1,221 @@
+"""One side of a migration test, in its own process.
+
+``python tests/migration_peer.py CONFIG.json`` builds a machine from the JSON config (an IDE disk
+and a virtio-blk disk over raw images, guest RAM, a guest workload as its vCPU), runs the source
+(:func:`blockemu.migration.migrate`) or the destination (:func:`blockemu.migration.incoming`), and
+prints one JSON object on stdout: the report or the error, the machine's run state, every node's
+activity/stats/locks, and the read-back check of the acknowledged writes.
+
+Config keys: ``role`` ("source"/"destination"), ``uri``, ``ide``/``virtio`` (image paths or
+null), ``ide_geometry`` ([c, h, s] user geometry of the IDE disk), ``ram``, ``timeout``,
+``timeouts`` (overrides), ``workload`` (null or {"inflight", "run_for", "ack_log"}), ``fault``
+({"device", "op", "n", "count", "arm_at"}: a FaultInjector rule, or op "stall", armed when
+the coordinator enters phase ``arm_at``), ``release_after`` (release stalls after the
+migration), ``cancel_at`` (a phase), ``delay_at`` ({phase: seconds}: sleep on entering it),
+``exec_at`` ({phase: argv}: run a command on entering it), ``autostart``, ``after`` (seconds
+the guest runs after the migration), ``hold`` (seconds to stay alive at the end, locks held),
+``open_error`` (the destination cannot open its image), ``ready_file`` (the destination writes
+it once listening), ``verify``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import blockemu
+import migration_fakestate
+from blockemu import (
+    FaultInjector,
+    GuestMemory,
+    IdeChannel,
+    IdeDisk,
+    Machine,
+    MigrationError,
+    VirtioBlk,
+)
+from blockemu.drivers import AtaDriver, VirtioBlkDriver
+from blockemu.guest import GuestWorkload
+from blockemu.migration import Timeouts, incoming, migrate
+
+
+def _node_info(m: Machine) -> dict[str, Any]:
+    out = {}
+    for name, node in m.iter_nodes():
+        out[name] = {"active": node.active, "stats": node.stats(), "locks": node.locks()}
+    return out
+
+
+def build(cfg: dict[str, Any], *, source: bool) -> tuple[Machine, GuestWorkload | None, dict]:
+    m = Machine()
+    ram = GuestMemory(int(cfg.get("ram", 4 << 20)))
+    m.add("ram", ram)
+    faults: dict[str, FaultInjector] = {}
+    ata = vdrv = None
+    if cfg.get("ide"):
+        fi = faults["ide"] = FaultInjector()
+        node = blockemu.open_image(cfg["ide"], format="raw", active=source, faults=fi)
+        c, h, s = cfg.get("ide_geometry") or (0, 0, 0)
+        ch = IdeChannel(master=IdeDisk(node, cyls=c, heads=h, secs=s))
+        m.add("ide0", ch)
+        ata = AtaDriver(ch, timeout=5.0)
+    if cfg.get("virtio"):
+        fi = faults["virtio"] = FaultInjector()
+        node = blockemu.open_image(cfg["virtio"], format="raw", active=source, faults=fi)
+        vb = VirtioBlk(node, ram, queue_size=64)
+        m.add("vblk0", vb)
+        vdrv = VirtioBlkDriver(vb, ram, queue_size=64, timeout=5.0)
+    wl = None
+    w = cfg.get("workload")
+    if w is not None:
+        wl = GuestWorkload(
+            ata=ata,
+            virtio=vdrv,
+            inflight=bool(w.get("inflight", False)),
+            ack_log=w.get("ack_log"),
+        )
+    return m, wl, faults
+
+
+def main() -> int:
+    cfg = json.loads(Path(sys.argv[1]).read_text())
+    fake = migration_fakestate.install_if_missing()
+    role = cfg["role"]
+    out: dict[str, Any] = {"role": role, "fake_state": fake, "phases_seen": []}
+    timeouts = Timeouts(**cfg.get("timeouts", {}))
+    cancel = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def on_phase(name: str) -> None:
+        out["phases_seen"].append(name)
+        fault = cfg.get("fault")
+        if fault and fault.get("arm_at") == name:
+            fi = holder["faults"][fault["device"]]
+            if fault["op"] == "stall":
+                fi.stall()
+            else:
+                n, count = int(fault.get("n", 1)), int(fault.get("count", 1))
+                fi.fail_nth(n, op=fault["op"], count=count)
+        delay = cfg.get("delay_at", {}).get(name)
+        if delay:
+            time.sleep(float(delay))
+        cmd = cfg.get("exec_at", {}).get(name)
+        if cmd:
+            subprocess.run(cmd, check=True, timeout=10)
+        if cfg.get("cancel_at") == name:
+            cancel.set()
+
+    m: Machine | None = None
+    wl: GuestWorkload | None = None
+    try:
+        if role == "source":
+            m, wl, holder["faults"] = build(cfg, source=True)
+            m.start()
+            if wl is not None:
+                if wl.ata is not None:
+                    wl.ata.probe()
+                if wl.virtio is not None:
+                    wl.virtio.probe()
+                m.add_vcpu("cpu0", wl)
+                wl.resume()
+                time.sleep(float(cfg["workload"].get("run_for", 0.2)))
+            try:
+                out["report"] = migrate(
+                    m,
+                    cfg["uri"],
+                    timeout=float(cfg.get("timeout", 10.0)),
+                    timeouts=timeouts,
+                    cancel=cancel if cfg.get("cancel_at") else None,
+                    on_phase=on_phase,
+                    verify=cfg.get("verify", "witness"),
+                )
+                out["ok"] = True
+            except MigrationError as e:
+                out["ok"] = False
+                out["error"] = {
+                    "message": str(e),
+                    "phase": e.phase,
+                    "source_resumed": e.source_resumed,
+                    "cause": repr(e.__cause__),
+                }
+            out["running_after"] = m.running
+            out["state_after"] = m.state
+            if cfg.get("release_after"):
+                for fi in holder["faults"].values():
+                    fi.release()
+            if m.running and wl is not None:
+                time.sleep(float(cfg.get("after", 0.1)))
+                wl.pause()  # the guest stops writing; the devices keep serving its reads
+                out["check"] = wl.check()
+                m.stop()
+        else:
+
+            def factory() -> Machine:
+                if cfg.get("open_error"):
+                    raise FileNotFoundError(2, "No such file or directory", cfg["open_error"])
+                mm, w, holder["faults"] = build(cfg, source=False)
+                holder["m"], holder["wl"] = mm, w
+                if w is not None:
+                    mm.add_vcpu("cpu0", w)
+                return mm
+
+            def ready(uri: str) -> None:
+                if cfg.get("ready_file"):
+                    Path(cfg["ready_file"]).write_text(uri)
+
+            try:
+                out["report"] = incoming(
+                    factory,
+                    cfg["uri"],
+                    timeout=float(cfg.get("timeout", 10.0)),
+                    timeouts=timeouts,
+                    on_phase=on_phase,
+                    ready=ready,
+                    autostart=bool(cfg.get("autostart", True)),
+                )
+                out["ok"] = True
+            except MigrationError as e:
+                out["ok"] = False
+                out["error"] = {
+                    "message": str(e),
+                    "phase": e.phase,
+                    "source_resumed": e.source_resumed,
+                    "cause": repr(e.__cause__),
+                    "cause_type": type(e.__cause__).__name__,
+                }
+            m = holder.get("m")
+            wl = holder.get("wl")
+            if m is not None:
+                out["state_after"] = m.state
+                out["running_after"] = m.running
+                if m.running and wl is not None:
+                    time.sleep(float(cfg.get("after", 0.1)))
+                    wl.pause()  # the guest stops writing; the devices keep serving its reads
+                    if wl.error is not None:
+                        out["guest_error"] = repr(wl.error)
+                    out["check"] = wl.check()
+                    m.stop()
+        if wl is not None:
+            if wl.error is not None:
+                out["guest_error"] = repr(wl.error)
+            out["guest_steps"] = wl.seq
+        if m is not None:
+            out["nodes"] = _node_info(m)
+    except BaseException as e:
+        out["ok"] = False
+        out["crash"] = "".join(traceback.format_exception(e))
+    print(json.dumps(out), flush=True)
+    hold = float(cfg.get("hold", 0))
+    if hold:
+        time.sleep(hold)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
