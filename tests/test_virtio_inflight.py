@@ -32,8 +32,9 @@ def rig() -> Iterator[tuple[Any, Any, VirtioBlkDriver]]:
     dev = blockemu.VirtioBlk(node, mem, serial="EMU-VIRTIO-0001")
     dev.start()
     # The geometry prefetch reads sector 0 after start(): let it finish before faults are armed.
-    deadline = time.monotonic() + 5
-    while dev.geometry is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30
+    while dev.geometry is None:
+        assert time.monotonic() < deadline, "the geometry prefetch did not finish"
         time.sleep(0.001)
     d = VirtioBlkDriver(dev, mem, layout=LAYOUT, queue_size=Q)
     d.probe()
