@@ -87,6 +87,16 @@ impl PyIdeDisk {
     }
 }
 
+fn timeout_arg(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t.min(1e9)))),
+        Some(t) => Err(PyValueError::new_err(format!(
+            "timeout must be >= 0, got {t}"
+        ))),
+    }
+}
+
 fn byte_arg(name: &str, v: NonNeg, max: u64) -> PyResult<u64> {
     if v.0 > max {
         return Err(PyValueError::new_err(format!(
@@ -226,17 +236,19 @@ impl PyIdeChannel {
     /// Waits (GIL released, Ctrl-C honoured) until the IRQ line is high; False on timeout.
     #[pyo3(signature = (timeout = None))]
     fn wait_irq(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let timeout = match timeout {
-            None => None,
-            Some(t) if t.is_finite() && t >= 0.0 => Some(Duration::from_secs_f64(t.min(1e9))),
-            Some(t) => {
-                return Err(PyValueError::new_err(format!(
-                    "timeout must be >= 0, got {t}"
-                )))
-            }
-        };
+        let timeout = timeout_arg(timeout)?;
         let ch = &self.inner;
         detach_interruptible(py, || ch.wait_irq(timeout)).py_err()
+    }
+
+    /// Waits (GIL released, Ctrl-C honoured) until no backend work of this channel is in
+    /// flight; with `timeout`, raises `TimeoutError` when it has not drained by then (the
+    /// channel is left as it was: the work goes on).
+    #[pyo3(signature = (timeout = None))]
+    fn drain(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let timeout = timeout_arg(timeout)?;
+        let ch = &self.inner;
+        detach_interruptible(py, || ch.drain(timeout)).py_err()
     }
 
     /// The guest starts: prefetch unknown geometries in the background.
