@@ -6,16 +6,17 @@ and a virtio-blk disk over raw images, guest RAM, a guest workload as its vCPU),
 prints one JSON object on stdout: the report or the error, the machine's run state, every node's
 activity/stats/locks, and the read-back check of the acknowledged writes.
 
-Config keys: ``role`` ("source"/"destination"), ``uri``, ``ide``/``virtio`` (image paths or
-null), ``ide_geometry`` ([c, h, s] user geometry of the IDE disk), ``ram``, ``timeout``,
-``timeouts`` (overrides), ``workload`` (null or {"inflight", "run_for", "ack_log"}), ``fault``
-({"device", "op", "n", "count", "arm_at"}: a FaultInjector rule, or op "stall", armed when
-the coordinator enters phase ``arm_at``), ``release_after`` (release stalls after the
-migration), ``cancel_at`` (a phase), ``delay_at`` ({phase: seconds}: sleep on entering it),
-``exec_at`` ({phase: argv}: run a command on entering it), ``autostart``, ``after`` (seconds
-the guest runs after the migration), ``hold`` (seconds to stay alive at the end, locks held),
-``open_error`` (the destination cannot open its image), ``ready_file`` (the destination writes
-it once listening), ``verify``.
+Config keys: ``role`` ("source"/"destination"), ``uri``, ``ide``/``virtio`` (image paths or null),
+``ide2`` (an image on a second IDE channel, ``ide1``, that no guest driver uses), ``ide_geometry``
+([c, h, s] user geometry of the IDE disk), ``ram``, ``timeout``, ``timeouts`` (overrides),
+``workload`` (null or {"inflight", "run_for", "ack_log"}), ``fault`` ({"device", "op", "n",
+"count", "arm_at"}: a FaultInjector rule, or op "stall", or op "stall_read" (device "ide2": stall,
+then a READ SECTORS on ``ide1``), armed when the coordinator enters phase ``arm_at``),
+``release_after`` (release stalls after the migration), ``cancel_at`` (a phase), ``delay_at``
+({phase: seconds}: sleep on entering it), ``exec_at`` ({phase: argv}: run a command on entering
+it), ``autostart``, ``after`` (seconds the guest runs after the migration), ``hold`` (seconds to
+stay alive at the end, locks held), ``open_error`` (the destination cannot open its image),
+``ready_file`` (the destination writes it once listening), ``verify``.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def build(cfg: dict[str, Any], *, source: bool) -> tuple[Machine, GuestWorkload 
         ch = IdeChannel(master=IdeDisk(node, cyls=c, heads=h, secs=s))
         m.add("ide0", ch)
         ata = AtaDriver(ch, timeout=5.0)
+    if cfg.get("ide2"):
+        # a second channel no guest driver uses: tests issue raw commands on it
+        fi = faults["ide2"] = FaultInjector()
+        node = blockemu.open_image(cfg["ide2"], format="raw", active=source, faults=fi)
+        m.add("ide1", IdeChannel(master=IdeDisk(node, cyls=20, heads=16, secs=63)))
     if cfg.get("virtio"):
         fi = faults["virtio"] = FaultInjector()
         node = blockemu.open_image(cfg["virtio"], format="raw", active=source, faults=fi)
@@ -87,18 +93,28 @@ def main() -> int:
     cfg = json.loads(Path(sys.argv[1]).read_text())
     fake = migration_fakestate.install_if_missing()
     role = cfg["role"]
-    out: dict[str, Any] = {"role": role, "fake_state": fake, "phases_seen": []}
+    out: dict[str, Any] = {"role": role, "fake_state": fake, "phases_seen": [], "phase_times": []}
     timeouts = Timeouts(**cfg.get("timeouts", {}))
     cancel = threading.Event()
     holder: dict[str, Any] = {}
 
     def on_phase(name: str) -> None:
         out["phases_seen"].append(name)
+        out["phase_times"].append([name, time.monotonic()])
         fault = cfg.get("fault")
         if fault and fault.get("arm_at") == name:
             fi = holder["faults"][fault["device"]]
             if fault["op"] == "stall":
                 fi.stall()
+            elif fault["op"] == "stall_read":
+                # the guest's last instruction before the stop: READ SECTORS on the second
+                # IDE channel, whose storage stalls; the command stays in flight
+                fi.stall()
+                ch = holder["m"].devices["ide1"]
+                for reg, val in ((2, 1), (3, 7), (4, 0), (5, 0), (6, 0xE0), (7, 0x20)):
+                    ch.ioport_write(reg, val)
+                while fi.waiting == 0:
+                    time.sleep(0.001)
             else:
                 n, count = int(fault.get("n", 1)), int(fault.get("count", 1))
                 fi.fail_nth(n, op=fault["op"], count=count)
@@ -116,6 +132,7 @@ def main() -> int:
     try:
         if role == "source":
             m, wl, holder["faults"] = build(cfg, source=True)
+            holder["m"] = m
             m.start()
             if wl is not None:
                 if wl.ata is not None:
@@ -144,6 +161,7 @@ def main() -> int:
                     "source_resumed": e.source_resumed,
                     "cause": repr(e.__cause__),
                 }
+            out["migrate_end"] = time.monotonic()
             out["running_after"] = m.running
             out["state_after"] = m.state
             if cfg.get("release_after"):

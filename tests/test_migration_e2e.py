@@ -539,6 +539,36 @@ def test_stop_timeout_resumes(tmp_path: Path) -> None:
     dst_untouched(run)
 
 
+@needs_state
+def test_stop_timeout_on_a_stalled_ide_command_resumes(tmp_path: Path) -> None:
+    """T_stop bounds the IDE drain too: a READ SECTORS is in flight on an IDE channel whose
+    storage stalls when the source stops; the drain does not finish within T_stop, so the source
+    cancels before sending any state and resumes with its images still active."""
+    ide2 = make_disk(tmp_path / "ide2.img")
+    fault = {"device": "ide2", "op": "stall_read", "arm_at": "stopping"}
+    t_stop = 0.3
+    run = run_pair(
+        tmp_path,
+        src={
+            "ide2": str(ide2),
+            "fault": fault,
+            "release_after": True,
+            "timeouts": {**FAST, "stop": t_stop},
+        },
+        dst={"ide2": str(ide2)},
+    )
+    s = run.src
+    assert not s["ok"] and s["error"]["phase"] == "stopping", s
+    assert "drain/flush at stop failed" in s["error"]["message"]
+    assert "TimeoutError" in s["error"]["cause"]
+    assert "sending_state" not in s["phases_seen"]
+    stopping = dict(s["phase_times"])["stopping"]
+    assert s["migrate_end"] - stopping < t_stop + 0.7, s["phase_times"]
+    src_resumed(run)
+    assert s["nodes"]["ide1.master"]["active"]
+    dst_untouched(run)
+
+
 # ---------------------------------------------------------------------- stale frames
 
 

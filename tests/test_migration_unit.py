@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,6 +254,83 @@ def test_machine_activate_undoes_on_lock_error(tmp_path: Path) -> None:
         m.activate()
     assert not na.active and not nb.active
     other.close()
+
+
+class _RecordingVcpu:
+    """A vCPU that only records whether it runs."""
+
+    def __init__(self) -> None:
+        self.running = False
+
+    def resume(self) -> None:
+        self.running = True
+
+    def pause(self) -> None:
+        self.running = False
+
+    def save(self) -> dict[str, object]:
+        return {}
+
+    def load(self, state: dict[str, object]) -> None:
+        pass
+
+
+def _stalled_ide_read(tmp_path: Path) -> tuple[Machine, IdeChannel, blockemu.FaultInjector]:
+    """A running machine whose IDE disk's storage stalls under a READ SECTORS in flight."""
+    blockemu.create_image(tmp_path / "a.img", 1 << 20)
+    faults = blockemu.FaultInjector()
+    node = blockemu.open_image(tmp_path / "a.img", format="raw", faults=faults)
+    node.write(512 * 7, b"\x5a" * 512)
+    ch = IdeChannel(master=IdeDisk(node, cyls=20, heads=16, secs=63))
+    m = Machine()
+    m.add("ide0", ch)
+    m.add_vcpu("cpu0", _RecordingVcpu())
+    m.start()
+    faults.stall()
+    for reg, val in ((2, 1), (3, 7), (4, 0), (5, 0), (6, 0xE0), (7, 0x20)):
+        ch.ioport_write(reg, val)
+    deadline = time.monotonic() + 5
+    while faults.waiting == 0:
+        assert time.monotonic() < deadline, "the READ never reached the storage"
+        time.sleep(0.005)
+    return m, ch, faults
+
+
+def test_ide_drain_timeout(tmp_path: Path) -> None:
+    _, ch, faults = _stalled_ide_read(tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        ch.drain(0.1)
+    assert 0.09 <= time.monotonic() - t0 < 1.0
+    with pytest.raises(ValueError):
+        ch.drain(-1.0)
+    faults.release()
+    ch.drain(5.0)
+    ch.drain()
+    assert ch.wait_irq(5.0)
+    assert ch.read_data(512) == b"\x5a" * 512
+
+
+def test_machine_stop_timeout_bounds_the_ide_drain(tmp_path: Path) -> None:
+    """T_stop covers IDE too: a stalled IDE command makes ``stop(timeout)`` raise within the
+    bound with the vCPUs paused and the devices still started; ``start`` resumes as before."""
+    m, ch, faults = _stalled_ide_read(tmp_path)
+    cpu = m.vcpus["cpu0"]
+    assert isinstance(cpu, _RecordingVcpu)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        m.stop(timeout=0.2)
+    took = time.monotonic() - t0
+    assert 0.19 <= took < 1.0, took
+    assert not cpu.running
+    assert m.state == "running"  # not paused: the caller cancels and resumes
+    m.start()
+    assert cpu.running and m.running
+    faults.release()
+    assert ch.wait_irq(5.0)
+    assert ch.read_data(512) == b"\x5a" * 512
+    m.stop(timeout=5.0)
+    assert m.state == "paused" and not cpu.running
 
 
 # ---------------------------------------------------------------------- in-process migration

@@ -118,15 +118,16 @@ class Machine:
     def stop(self, timeout: float | None = None) -> None:
         """Pauses the vCPUs, then drains in-flight I/O of every device (their ``stop()``).
 
-        With ``timeout``, virtio-blk devices are drained first within that many seconds in
-        all; when they do not drain, ``TimeoutError`` is raised with the vCPUs paused and the
-        devices still started, so :meth:`start` resumes the guest as it was."""
+        With ``timeout``, the IDE channels and virtio-blk devices are drained first within
+        that many seconds in all (the vCPUs' pause is not counted: it ends at an instruction
+        boundary); when they do not drain, ``TimeoutError`` is raised with the vCPUs paused and
+        the devices still started, so :meth:`start` resumes the guest as it was."""
         for cpu in self._vcpus.values():
             cpu.pause()
         if timeout is not None:
             end = time.monotonic() + timeout
             for dev in self._devices.values():
-                if isinstance(dev, VirtioBlk):
+                if isinstance(dev, IdeChannel | VirtioBlk):
                     dev.drain(max(0.0, end - time.monotonic()))
         for dev in self._devices.values():
             if isinstance(dev, IdeChannel | VirtioBlk):
