@@ -36,6 +36,8 @@ FAST = {
     "lock": 1.0,
     "commit_ack": 0.5,
     "in_doubt": 1.5,
+    "heartbeat_interval": 0.1,
+    "peer_dead": 1.5,
 }
 
 

@@ -207,6 +207,7 @@ def main() -> int:
                     "cause": repr(e.__cause__),
                     "cause_type": type(e.__cause__).__name__,
                 }
+            out["migrate_end"] = time.monotonic()
             m = holder.get("m")
             wl = holder.get("wl")
             if m is not None:

@@ -433,6 +433,103 @@ def test_13_partition_before_source_inactive(tmp_path: Path) -> None:
     dst_untouched(run)
 
 
+class _StallAfter:
+    """A proxy rule: once a frame of type ``after`` went through (or, with ``including``, at
+    that frame), every frame in both directions is swallowed while both connections stay open:
+    the peers see silence, not a closed socket."""
+
+    def __init__(self, after: Msg, *, including: bool = False) -> None:
+        self.after = after
+        self.including = including
+        self.seen = False
+
+    def __call__(self, direction: str, mtype: int, index: int, raw: bytes) -> str:
+        if self.seen:
+            return "drop_rest"
+        if mtype == self.after:
+            self.seen = True
+            return "drop_rest" if self.including else "pass"
+        return "pass"
+
+
+PEER_DEAD = 1.0
+SLACK = 1.0
+#: Every other timer is far longer than ``peer_dead``: only the heartbeat can explain a reaction
+#: within ``peer_dead + SLACK``.
+HEARTBEAT_TIMERS = {
+    **FAST,
+    "heartbeat_interval": 0.1,
+    "peer_dead": PEER_DEAD,
+    "wait_inactive": 8.0,
+    "activate": 8.0,
+    "commit": 8.0,
+}
+
+
+def _phase_start(res: dict[str, Any], name: str) -> float:
+    return float(dict(res["phase_times"])[name])
+
+
+def test_heartbeat_stall_after_source_inactive_destination_commits(tmp_path: Path) -> None:
+    """Scenario 12 with a stalled (not closed) connection: everything after SOURCE_INACTIVE is
+    swallowed, heartbeats included. The destination activates and commits on its own and keeps
+    running; the source hears no frame for peer_dead, goes in doubt (never resumes), and retires
+    on the ownership record."""
+    run = run_pair(
+        tmp_path,
+        rule=_StallAfter(Msg.SOURCE_INACTIVE),
+        src={"timeouts": HEARTBEAT_TIMERS, "timeout": 20.0},
+        dst={"timeouts": HEARTBEAT_TIMERS, "timeout": 20.0},
+    )
+    completed(run)
+    d, s = run.dst, run.src
+    assert d["report"]["commit_ack"] is False
+    assert d["migrate_end"] - _phase_start(d, "activating") < PEER_DEAD + SLACK
+    rep = s["report"]
+    assert rep["resolved_by"] == "ownership record"
+    assert "heartbeat" in rep["settle_cause"], rep
+    waited = _phase_start(s, "in_doubt") - _phase_start(s, "handed_off")
+    assert PEER_DEAD * 0.9 <= waited < PEER_DEAD + SLACK, waited
+    # the destination went on beating into the silence until its end
+    assert d["report"]["pings_sent"] > 0
+
+
+@pytest.mark.parametrize("stall_at", [Msg.STATE_LOADED, Msg.SOURCE_INACTIVE])
+def test_heartbeat_stall_before_source_inactive_destination_gives_up(
+    tmp_path: Path, stall_at: Msg
+) -> None:
+    """Scenario 13 with a stalled connection: the stall starts at STATE_LOADED or swallows
+    SOURCE_INACTIVE itself. The destination, waiting for SOURCE_INACTIVE, hears no frame for
+    peer_dead and gives up (no activation, zero reads and writes) long before its
+    wait_inactive timer; the source resumes with its images: at once when it never let go,
+    or, after SOURCE_INACTIVE, in doubt first, then by reclaiming under the write lock with the
+    ownership record unchanged (epoch N+2)."""
+    run = run_pair(
+        tmp_path,
+        rule=_StallAfter(stall_at, including=True),
+        src={"timeouts": HEARTBEAT_TIMERS, "timeout": 20.0},
+        dst={"timeouts": HEARTBEAT_TIMERS, "timeout": 20.0},
+    )
+    d, s = run.dst, run.src
+    assert d["error"]["phase"] == "loaded", d["error"]
+    assert "heartbeat" in d["error"]["message"]
+    gave_up = d["migrate_end"] - _phase_start(d, "loaded")
+    assert gave_up < PEER_DEAD + SLACK + (0.0 if stall_at == Msg.STATE_LOADED else 0.5), gave_up
+    dst_untouched(run)
+    src_resumed(run)
+    if stall_at == Msg.SOURCE_INACTIVE:
+        assert s["error"]["phase"] == "handed_off"
+        assert "heartbeat" in s["error"]["message"]
+        waited = _phase_start(s, "in_doubt") - _phase_start(s, "handed_off")
+        assert PEER_DEAD * 0.9 <= waited < PEER_DEAD + SLACK, waited
+        for img in run.images.values():
+            rec = read_record(img)
+            assert rec is not None and rec.role == "source" and rec.epoch == 3
+    else:
+        assert s["error"]["phase"] == "sending_state"
+        assert "inactivating" not in s["phases_seen"]
+
+
 def test_22_slow_activation_does_not_make_the_source_resume(tmp_path: Path) -> None:
     """The destination takes longer than T_activate to activate: the source goes in doubt but
     keeps listening instead of resuming; the destination commits; the source learns it and

@@ -158,6 +158,41 @@ def test_hostile_bytes_never_crash(data: bytes) -> None:
         ch.close()
 
 
+def test_heartbeat_frames_keep_the_sequence() -> None:
+    """PINGs from the heartbeat thread interleave with the coordinator's own frames: sending is
+    serialized, so the receiver's sequence check never fails; PING is answered with PONG."""
+    a, b = pair(epoch=2)
+    b_silence = b.silence()
+    a.start_heartbeat(0.002)
+    assert a.heartbeat
+    for i in range(100):
+        a.send(Msg.DEVICE_STATE, bytes(100))
+        if i % 10 == 0:
+            time.sleep(0.005)
+    time.sleep(0.02)
+    a.stop_heartbeat()
+    assert not a.heartbeat and a.pings_sent > 0
+    got = {Msg.DEVICE_STATE: 0, Msg.PING: 0}
+    while True:
+        try:
+            f = b.recv(0.05)
+        except PeerTimeout:
+            break
+        got[f.type] += 1
+        if f.type == Msg.PING:
+            assert f.json()["seq"] == 0
+            b.pong(f)
+    assert got == {Msg.DEVICE_STATE: 100, Msg.PING: a.pings_sent}
+    assert b.recv_seq == a.send_seq == 100 + a.pings_sent
+    assert b.silence() < 1.0 and b_silence >= 0
+    f = a.recv(1.0)
+    assert f.type == Msg.PONG and f.seq == 1
+    time.sleep(0.05)
+    assert a.silence() >= 0.05
+    a.close()  # also stops a heartbeat; idempotent
+    a.close()
+
+
 def test_crc_is_zlib_crc32_over_header_and_payload() -> None:
     d = good(payload=b'{"k":2}')
     (crc,) = TRAILER.unpack(d[-4:])

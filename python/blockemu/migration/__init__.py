@@ -10,7 +10,8 @@
     SOURCE_INACTIVE → DEST_ACTIVATED | DEST_ACTIVATION_FAILED
     [destination: ownership record owner=destination, epoch N+1 — the commit point]
     DEST_COMMITTED → COMMIT_ACK
-    ABORT → ABORT_ACK (either side), PING/PONG (ignored)
+    ABORT → ABORT_ACK (either side)
+    PING → PONG (either side, from STATE_LOADED to the end: the switchover heartbeat)
 
 HELLO and PREPARE of the spec are merged (HELLO carries the image list; HELLO_ACK means
 PREPARED). Guarantees: the destination reads and writes nothing before SOURCE_INACTIVE and never
@@ -20,6 +21,14 @@ timeout only ever moves a side to a safer state. A source that cannot tell wheth
 committed stays paused with inactive images ("in doubt") and raises :class:`MigrationError` with
 ``source_resumed=False``; when the record shows the destination committed, the source retires and
 :func:`migrate` returns the report with ``resolved_by="ownership record"``.
+
+Heartbeats (spec §12.5): from STATE_LOADED (the guest is stopped and its state is on the
+destination) until the end, each side sends PING every ``Timeouts.heartbeat_interval`` and answers
+PING with PONG. A side that hears no frame for ``Timeouts.peer_dead`` takes the peer-loss
+transition of its state: the source after SOURCE_INACTIVE goes in doubt (it never resumes on its
+own: only the ownership record, read under the write lock, can let it reclaim); the destination
+waiting for SOURCE_INACTIVE gives up (it has read and written nothing); a destination that has
+SOURCE_INACTIVE activates and commits on its own, and after the commit it keeps running.
 
 Test hook: ``BLOCKEMU_MIGRATION_KILL_AT=<point>`` SIGKILLs the process at a named point:
 ``src:after_hello``, ``src:mid_state`` (after the first DEVICE_STATE frame),

@@ -59,6 +59,10 @@ class Timeouts:
     lock: float = 10.0  # lock acquisition retries (activation, reclaim)
     commit_ack: float = 2.0  # destination waiting (informationally) for COMMIT_ACK
     in_doubt: float = 30.0  # how long an in-doubt source keeps trying to settle
+    # Switchover heartbeat: from STATE_LOADED to the end each side sends PING every
+    # heartbeat_interval (and answers PING with PONG); no frame for peer_dead = peer loss.
+    heartbeat_interval: float = 0.5
+    peer_dead: float = 3.0
 
     def scaled(self, factor: float) -> Timeouts:
         return replace(self, **{k: v * factor for k, v in self.__dict__.items()})

@@ -85,14 +85,27 @@ class _Destination:
     # ------------------------------------------------------------------ helpers
 
     def _recv(self, timeout: float) -> Frame:
+        """The next frame but PING/PONG (PING is answered). :class:`PeerLost` when the heartbeat
+        runs and no frame came for ``peer_dead``."""
         assert self.ch is not None
         end = time.monotonic() + timeout
         while True:
+            if self.ch.heartbeat and self.ch.silence() >= self.t.peer_dead:
+                raise PeerLost(f"no frame from the source for {self.t.peer_dead:g} s (heartbeat)")
             left = end - time.monotonic()
             if left <= 0:
                 raise PeerTimeout("timed out")
-            f = self.ch.recv(left)
+            step = left
+            if self.ch.heartbeat:
+                step = min(step, max(0.01, self.t.peer_dead - self.ch.silence()), 0.1)
+            try:
+                f = self.ch.recv(step)
+            except PeerTimeout:
+                if step < left:
+                    continue
+                raise
             if f.type in (Msg.PING, Msg.PONG):
+                self.ch.pong(f)
                 continue
             return f
 
@@ -270,12 +283,15 @@ class _Destination:
         self._check_untouched("after load")
         kill_point("dst:after_loaded")
         self.ch.send(Msg.STATE_LOADED, {"geometry": self.report["geometry"]})
+        # the switchover: heartbeats from here to the end (§12.5)
+        self.ch.start_heartbeat(self.t.heartbeat_interval)
 
         # ---------------------------------------------------------- D_LOADED
         self.phases.enter("loaded")
         try:
             f = self._recv(self.deadline.cap(self.t.wait_inactive))
         except (PeerLost, ProtocolError) as e:
+            # timeout or peer loss (the heartbeat): give up, safe, nothing was read or written
             # Never activate without SOURCE_INACTIVE, even when the lock became free.
             raise self._stream_error(e, "waiting for SOURCE_INACTIVE") from None
         if f.type == Msg.ABORT:
@@ -317,21 +333,25 @@ class _Destination:
 
         # ---------------------------------------------------------- D_ACTIVATED
         self.phases.enter("activated")
-        try:
-            f = self.ch.recv(0.005)  # a pending ABORT (operator cancel) wins over the commit
-        except PeerLost:
-            pass  # nothing pending, or the source is gone: what we have is complete; commit
-        except ProtocolError as e:
-            self._give_up()
-            self._send_fail(Msg.DEST_ACTIVATION_FAILED, f"bad frame before commit: {e}")
-            raise _Gone(
-                f"bad frame before the commit: {e}", "activated", StateError(str(e))
-            ) from None
-        else:
+        # A pending ABORT (operator cancel) wins over the commit: read what has arrived
+        # (heartbeats included). Silence or a lost source does not stop the commit: with
+        # SOURCE_INACTIVE the destination has everything (§13 scenario 12).
+        while True:
+            try:
+                f = self.ch.recv(0.005)
+            except PeerLost:
+                break  # nothing pending, or the source is gone: what we have is complete
+            except ProtocolError as e:
+                self._give_up()
+                self._send_fail(Msg.DEST_ACTIVATION_FAILED, f"bad frame before commit: {e}")
+                raise _Gone(
+                    f"bad frame before the commit: {e}", "activated", StateError(str(e))
+                ) from None
             if f.type == Msg.ABORT:
                 self._give_up()
                 self.ch.try_send(Msg.ABORT_ACK, {})
                 raise _Gone("the source cancelled before the commit", "activated")
+            self.ch.pong(f)
 
         # ---------------------------------------------------------- commit point
         self.phases.enter("committing")
@@ -380,6 +400,7 @@ class _Destination:
         self.report["phases"] = self.phases.finish()
         self.report["bytes_received"] = self.ch.bytes_received
         self.report["bytes_sent"] = self.ch.bytes_sent
+        self.report["pings_sent"] = self.ch.pings_sent
         return self.report
 
     def _prepare(self, images: list[Any], devices: dict[str, Any]) -> None:

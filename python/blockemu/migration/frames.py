@@ -14,14 +14,22 @@ A :class:`Channel` sends frames with increasing sequence numbers and checks inco
 version, CRC, known type, session id, epoch (never older than the one it knows), and the sequence
 (exactly one more than the last). Any violation raises :class:`ProtocolError`; a rejected frame
 aborts the session and is never repaired.
+
+Heartbeats (§12.5): :meth:`Channel.start_heartbeat` sends a ``PING`` (payload: the last sequence
+number seen) every interval from a background thread. They are ordinary frames: sending is
+serialized with the coordinator's own frames, so sequence numbers stay gapless.
+:meth:`Channel.silence` is how long ago the last whole frame arrived; the coordinators answer
+``PING`` with ``PONG`` and treat a silence of ``Timeouts.peer_dead`` as the peer's loss.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import select
 import socket
 import struct
+import threading
 import time
 import zlib
 from typing import Any
@@ -164,6 +172,66 @@ class Channel:
         self.bytes_received = 0
         self.closed = False
         self._buf = bytearray()
+        self._send_lock = threading.Lock()
+        self.last_recv = time.monotonic()
+        self.pings_sent = 0
+        self._hb_stop = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ heartbeats
+
+    @property
+    def heartbeat(self) -> bool:
+        """Whether the heartbeat runs."""
+        return self._hb_thread is not None
+
+    def silence(self) -> float:
+        """Seconds since the last whole frame arrived (or since the heartbeat started)."""
+        return time.monotonic() - self.last_recv
+
+    def start_heartbeat(self, interval: float) -> None:
+        """Sends PING every ``interval`` seconds until :meth:`stop_heartbeat` or :meth:`close`.
+        The silence is counted from now on."""
+        if self._hb_thread is not None or self.closed:
+            return
+        self.last_recv = max(self.last_recv, time.monotonic())
+        self._hb_stop.clear()
+        self._hb_thread = threading.Thread(
+            target=self._beat, args=(max(0.01, interval),), name="migration-heartbeat", daemon=True
+        )
+        self._hb_thread.start()
+
+    def stop_heartbeat(self) -> None:
+        thread = self._hb_thread
+        if thread is None:
+            return
+        self._hb_stop.set()
+        if thread is not threading.current_thread():
+            thread.join(5.0)
+        self._hb_thread = None
+
+    def _beat(self, interval: float) -> None:
+        while not self._hb_stop.wait(interval):
+            if self.closed:
+                return
+            try:
+                # never block behind a full socket buffer: a peer that does not read misses
+                # this beat, and the next one is tried an interval later
+                _, writable, _ = select.select([], [self.sock], [], 0)
+                if not writable:
+                    continue
+                self.send(Msg.PING, {"seq": self.recv_seq})
+                self.pings_sent += 1
+            except (PeerLost, OSError, ValueError):
+                return
+
+    def pong(self, ping: Frame) -> None:
+        """Answers a PING (best effort)."""
+        if ping.type == Msg.PING:
+            try:
+                self.send(Msg.PONG, {"seq": self.recv_seq})
+            except (PeerLost, OSError):
+                pass
 
     # ------------------------------------------------------------------ sending
 
@@ -177,13 +245,16 @@ class Channel:
             if isinstance(payload, bytes)
             else json.dumps(payload, separators=(",", ":")).encode()
         )
-        self.send_seq += 1
-        data = encode_frame(msg, self.session, self.epoch, self.send_seq, raw)
-        try:
-            self.sock.sendall(data)
-        except OSError as e:
-            raise PeerLost(f"sending {msg.name}: {e}") from e
-        self.bytes_sent += len(data)
+        with self._send_lock:
+            data = encode_frame(msg, self.session, self.epoch, self.send_seq + 1, raw)
+            try:
+                self.sock.sendall(data)
+            except OSError as e:
+                raise PeerLost(f"sending {msg.name}: {e}") from e
+            finally:
+                # a frame that may have been partly sent used its number: never reuse it
+                self.send_seq += 1
+            self.bytes_sent += len(data)
 
     def try_send(self, msg: Msg, payload: dict[str, Any] | None = None) -> bool:
         """Sends if it can (best effort, for ABORT and final acks)."""
@@ -237,11 +308,13 @@ class Channel:
                 f"{Msg(mtype).name} with sequence {seq}, expected {self.recv_seq + 1}"
             )
         self.recv_seq = seq
+        self.last_recv = time.monotonic()
         return Frame(Msg(mtype), session, epoch, seq, payload, version)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.stop_heartbeat()
             try:
                 self.sock.close()
             except OSError:

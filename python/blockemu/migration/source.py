@@ -91,21 +91,32 @@ class _Source:
         return {name: node.name for name, node in self.m.iter_nodes()}
 
     def _recv(self, timeout: float, expect: tuple[Msg, ...]) -> Frame:
-        """The next frame of an expected type (or a refusal/abort); PING/PONG are skipped.
-        Raises :class:`_Cancel` when the operator cancels while waiting."""
+        """The next frame of an expected type (or a refusal/abort); PING is answered, PING and
+        PONG are skipped. Raises :class:`_Cancel` when the operator cancels while waiting, and
+        :class:`PeerLost` when the heartbeat runs and no frame came for ``peer_dead``."""
         assert self.ch is not None
         end = time.monotonic() + timeout
         while True:
             if self._cancelled():
                 raise _Cancel("cancelled by the operator")
+            if self.ch.heartbeat and self.ch.silence() >= self.t.peer_dead:
+                raise PeerLost(
+                    f"no frame from the destination for {self.t.peer_dead:g} s (heartbeat)"
+                )
             left = end - time.monotonic()
             if left <= 0:
                 raise PeerTimeout(f"timed out waiting for {expect[0].name}")
+            step = left
+            if self.cancel is not None:
+                step = min(step, 0.05)
+            if self.ch.heartbeat:
+                step = min(step, max(0.01, self.t.peer_dead - self.ch.silence()), 0.1)
             try:
-                f = self.ch.recv(min(left, 0.05) if self.cancel is not None else left)
+                f = self.ch.recv(step)
             except PeerTimeout:
                 continue
             if f.type in (Msg.PING, Msg.PONG):
+                self.ch.pong(f)
                 continue
             if f.type in expect:
                 return f
@@ -230,6 +241,8 @@ class _Source:
                     return "retired", None
             except (ValueError, OSError):
                 pass
+            if self.ch.heartbeat and self.ch.silence() >= self.t.peer_dead:
+                return "dead", None  # the heartbeat says the peer is gone: ask the record
             try:
                 f = self.ch.recv(min(0.1, max(0.0, end - time.monotonic())))
             except PeerTimeout:
@@ -240,6 +253,7 @@ class _Source:
                 return "committed", f
             if f.type in (Msg.DEST_ACTIVATION_FAILED, Msg.ABORT_ACK, Msg.ABORT):
                 return "failed", f
+            self.ch.pong(f)
         return "silent", None
 
     def _settle(self, why: str, *, definite: bool) -> dict[str, Any]:
@@ -248,6 +262,7 @@ class _Source:
         While the connection stays open the source first listens (up to ``in_doubt``) and only
         then looks for the write lock; a closed connection goes to the lock at once."""
         failed_phase = self.phases.current
+        self.report["settle_cause"] = why
         self.phases.enter("reclaiming" if definite else "in_doubt")
         if not definite:
             heard, f = self._listen(self.deadline.cap(self.t.in_doubt))
@@ -287,6 +302,7 @@ class _Source:
         if self.ch is not None:
             self.report["bytes_sent"] = self.ch.bytes_sent
             self.report["bytes_received"] = self.ch.bytes_received
+            self.report["pings_sent"] = self.ch.pings_sent
         for node in self.traced:
             node.disable_trace()
         return self.report
@@ -397,6 +413,8 @@ class _Source:
             raise self._fail_resume(f"sending the device state failed: {e}") from e
         if f.type == Msg.STATE_LOADED:
             self.dest_geometry = f.json().get("geometry")
+            # the switchover: heartbeats from here to the end (§12.5)
+            self.ch.start_heartbeat(self.t.heartbeat_interval)
         if f.type != Msg.STATE_LOADED:
             reason = f.json().get("reason", "") if f.type != Msg.ABORT else "abort"
             raise self._fail_resume(f"destination answered {f.type.name}: {reason}")
