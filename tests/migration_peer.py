@@ -16,7 +16,8 @@ then a READ SECTORS on ``ide1``), armed when the coordinator enters phase ``arm_
 ({phase: seconds}: sleep on entering it), ``exec_at`` ({phase: argv}: run a command on entering
 it), ``autostart``, ``after`` (seconds the guest runs after the migration), ``hold`` (seconds to
 stay alive at the end, locks held), ``open_error`` (the destination cannot open its image),
-``ready_file`` (the destination writes it once listening), ``verify``.
+``ready_file`` (the destination writes it once listening), ``verify``, ``then_migrate``
+({"uri", "timeout"}: a destination migrates its machine on once it has it).
 """
 
 from __future__ import annotations
@@ -208,6 +209,28 @@ def main() -> int:
                     "cause_type": type(e.__cause__).__name__,
                 }
             out["migrate_end"] = time.monotonic()
+            nxt = cfg.get("then_migrate")
+            if out["ok"] and nxt:
+                # a second hop from here, typically of a machine that never started here
+                out["nodes_between"] = _node_info(holder["m"])
+                out["state_between"] = holder["m"].state
+                try:
+                    out["report2"] = migrate(
+                        holder["m"],
+                        nxt["uri"],
+                        timeout=float(nxt.get("timeout", 10.0)),
+                        timeouts=timeouts,
+                        on_phase=on_phase,
+                    )
+                    out["ok2"] = True
+                except MigrationError as e:
+                    out["ok2"] = False
+                    out["error2"] = {
+                        "message": str(e),
+                        "phase": e.phase,
+                        "source_resumed": e.source_resumed,
+                        "cause": repr(e.__cause__),
+                    }
             m = holder.get("m")
             wl = holder.get("wl")
             if m is not None:

@@ -577,6 +577,88 @@ def test_17_third_party_takes_the_lock_in_the_gap(tmp_path: Path) -> None:
         assert info["stats"]["writes"] == 0, name
 
 
+@needs_state
+def test_19_second_migration_of_a_never_started_vm(tmp_path: Path) -> None:
+    """Scenario 19 (QEMU #2395) across three processes: A → B with B never started (incoming
+    with autostart=False: B commits, then its images are inactive again), then B → C. B's
+    inactivation of already-inactive images is a no-op: B issues no write, discard or flush in
+    the second hop and nothing crashes; C reads nothing before its activation, then activates,
+    starts its guest and finds every write A's guest had acknowledged. Epochs 1 → 2 → 3."""
+    images = {"ide": make_disk(tmp_path / "ide.img"), "virtio": make_disk(tmp_path / "vio.img")}
+    ack_log = tmp_path / "acks.log"
+    base = {
+        "ide": str(images["ide"]),
+        "virtio": str(images["virtio"]),
+        "timeouts": FAST,
+        "timeout": 15.0,
+        "workload": {"run_for": 0.3, "ack_log": str(ack_log)},
+    }
+    uri_b, uri_c = uri_pair(tmp_path, "unix"), uri_pair(tmp_path, "unix")
+    ready_b, ready_c = tmp_path / "ready-b", tmp_path / "ready-c"
+    c = start_peer(
+        {**base, "role": "destination", "uri": uri_c, "ready_file": str(ready_c)}, tmp_path
+    )
+    wait_file(ready_c)
+    b = start_peer(
+        {
+            **base,
+            "role": "destination",
+            "uri": uri_b,
+            "ready_file": str(ready_b),
+            "autostart": False,
+            "then_migrate": {"uri": uri_c, "timeout": 15.0},
+        },
+        tmp_path,
+    )
+    wait_file(ready_b)
+    a = start_peer({**base, "role": "source", "uri": uri_b}, tmp_path)
+    with LockSampler(list(images.values())) as sampler:
+        ra, rb, rc = a.result(), b.result(), c.result()
+    for r in (ra, rb, rc):
+        assert "crash" not in r, r["crash"]
+    assert all(n <= 1 for n in sampler.max_holders.values()), sampler.max_holders  # INV-3
+
+    # A → B: A retired; B committed epoch 2 and stayed paused with inactive images
+    assert ra["ok"] and ra["state_after"] == "postmigrate", ra
+    assert rb["ok"] and rb["report"]["epoch"] == 2, rb
+    assert rb["state_between"] == "paused"
+    assert "running" not in rb["phases_seen"]  # B's guest never started
+    for name, info in rb["nodes_between"].items():
+        assert not info["active"] and "write" not in info["locks"]["held"], name
+
+    # B → C: B's second hop completed; its images stayed inactive and B wrote nothing at all
+    assert rb["ok2"], rb.get("error2")
+    assert rb["report2"]["outcome"] == "completed"
+    assert rb["state_after"] == "postmigrate" and rb["running_after"] is False
+    assert "inactivating" in rb["phases_seen"]
+    for name, info in rb["nodes"].items():
+        before = rb["nodes_between"][name]["stats"]
+        st = info["stats"]
+        assert not info["active"], name
+        assert st["writes"] == st["discards"] == st["write_zeroes"] == 0, (name, st)
+        assert st["flushes"] == before["flushes"] and st["reads"] == before["reads"], name
+
+    # C: nothing read before activation, then active, running, every acked write visible
+    assert rc["ok"], rc
+    rep = rc["report"]
+    assert set(rep["reads_before_activation"].values()) == {0}
+    assert set(rep["writes_before_activation"].values()) == {0}
+    assert rep["epoch"] == 3 and rc["running_after"] is True
+    assert rc["phases_seen"].index("activating") < rc["phases_seen"].index("running")
+    for name, info in rc["nodes"].items():
+        assert info["active"] and "write" in info["locks"]["held"], name
+    assert "guest_error" not in rc, rc["guest_error"]
+    assert rc["check"]["ide"] > 0 and rc["check"]["virtio"] > 0
+    for img in images.values():
+        rec = read_record(img)
+        assert rec is not None and rec.role == "destination" and rec.epoch == 3
+    # INV-5: every write A's guest acknowledged (and C's since) is on the image
+    acked = read_ack_log(ack_log)
+    assert acked["ide"] and acked["virtio"]
+    check_acked_on_images(acked, images)
+    assert not any(write_lock_held(p) for p in images.values())
+
+
 # ---------------------------------------------------------------------- cancel, flush error
 
 
