@@ -742,7 +742,7 @@ def test_stop_timeout_on_a_stalled_ide_command_resumes(tmp_path: Path) -> None:
     assert "TimeoutError" in s["error"]["cause"]
     assert "sending_state" not in s["phases_seen"]
     stopping = dict(s["phase_times"])["stopping"]
-    assert s["migrate_end"] - stopping < t_stop + 0.7, s["phase_times"]
+    assert s["migrate_end"] - stopping < t_stop + 1.5, s["phase_times"]
     src_resumed(run)
     assert s["nodes"]["ide1.master"]["active"]
     dst_untouched(run)

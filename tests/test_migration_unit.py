@@ -356,7 +356,7 @@ def test_machine_stop_timeout_bounds_the_ide_drain(tmp_path: Path) -> None:
     with pytest.raises(TimeoutError):
         m.stop(timeout=0.2)
     took = time.monotonic() - t0
-    assert 0.19 <= took < 1.0, took
+    assert 0.19 <= took < 2.0, took
     assert not cpu.running
     assert m.state == "running"  # not paused: the caller cancels and resumes
     m.start()
