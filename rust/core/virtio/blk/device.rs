@@ -50,6 +50,8 @@ const MAX_DEFERRED: u32 = 32;
 const PREFETCH_WAIT: Duration = Duration::from_secs(30);
 /// Runners started by one call at most (new runners start more).
 const WAKE_BATCH: usize = 8;
+/// How long `wait_irq` watches InterruptStatus before it sleeps while blocking I/O runs.
+const SPIN: Duration = Duration::from_micros(50);
 
 /// How the device is built (API.md names; `features` and `max_in_flight` are extras).
 #[derive(Debug, Clone, Default)]
@@ -194,6 +196,8 @@ struct Shared {
     /// after every interrupt) never contends with the runners for the state lock. It is set
     /// under the state lock, so `wait_irq` (which sleeps under it) cannot miss an edge.
     isr: AtomicU32,
+    /// Backend operations are running (a hint for `wait_irq`'s spin; read without the lock).
+    busy_hint: AtomicBool,
     irq_cv: Condvar,
     idle_cv: Condvar,
 }
@@ -316,6 +320,7 @@ impl VirtioBlk {
                 scratch: Chain::default(),
             }),
             isr: AtomicU32::new(0),
+            busy_hint: AtomicBool::new(false),
             irq_cv: Condvar::new(),
             idle_cv: Condvar::new(),
         });
@@ -423,6 +428,19 @@ impl VirtioBlk {
             return Ok(true);
         }
         let deadline = timeout.map(|t| Instant::now() + t);
+        // While blocking I/O runs, the next completion is usually tens of microseconds away:
+        // watch InterruptStatus that long before sleeping (waking a sleeping thread on a
+        // virtual CPU costs as much). Not for fast operations: there the spin would take a
+        // CPU from the runners.
+        if sh.busy_hint.load(Ordering::Relaxed) && sh.slow_share.load(Ordering::Relaxed) > 512 {
+            let spin_end = Instant::now() + SPIN;
+            while Instant::now() < spin_end && deadline.is_none_or(|d| Instant::now() < d) {
+                if sh.isr.load(Ordering::Acquire) != 0 {
+                    return Ok(true);
+                }
+                std::hint::spin_loop();
+            }
+        }
         let mut st = sh.lock();
         loop {
             if sh.isr.load(Ordering::Acquire) != 0 {
@@ -1136,6 +1154,7 @@ impl Shared {
             let gen = slot.gen;
             slot.running += 1;
             st.busy += 1;
+            self.busy_hint.store(true, Ordering::Relaxed);
             let writeback = st.writeback;
             let mut after = After {
                 wake_irq: std::mem::take(&mut wake),
@@ -1154,6 +1173,9 @@ impl Shared {
             self.slow_share.store(frac, Ordering::Relaxed);
             st = self.lock();
             st.busy -= 1;
+            if st.busy == 0 {
+                self.busy_hint.store(false, Ordering::Relaxed);
+            }
             let slot = &mut st.queues[qi];
             if slot.gen != gen {
                 slot.old_running -= 1;
