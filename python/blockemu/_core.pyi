@@ -66,6 +66,7 @@ class _ImageInfo(TypedDict):
     virtual_size: int
     file_size: int
     allocated_size: int
+    dirty: bool
     lock: str
     locks_held: list[str]
     locks_unshared: list[str]
@@ -125,7 +126,9 @@ def open_image(
 def memory_node(
     size: int, *, readonly: bool = False, faults: FaultInjector | None = None
 ) -> BlockNode: ...
-def create_image(path: str | PathLike[str], size: int, *, format: _Format = "raw") -> None: ...
+def create_image(
+    path: str | PathLike[str], size: int, *, format: _Format = "raw", lazy_refcounts: bool = False
+) -> None: ...
 def image_info(path: str | PathLike[str]) -> _ImageInfo: ...
 
 @final

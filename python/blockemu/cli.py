@@ -31,6 +31,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"file format: {info['format']}")
     print(f"virtual size: {_human(info['virtual_size'])} ({info['virtual_size']} bytes)")
     print(f"disk size: {_human(info['allocated_size'])}")
+    if info["format"] == "qcow2":
+        print(f"dirty: {'yes' if info['dirty'] else 'no'}")
     print(f"lock: {info['lock']}")
     if info["locks_held"] or info["locks_unshared"]:
         held = ", ".join(info["locks_held"]) or "-"

@@ -51,6 +51,19 @@ pub trait Backend: Send + Sync {
         )))
     }
 
+    /// The node stops using the backend (inactivation, or close of an active node): write back
+    /// everything cached, mark the image clean, forget what was cached. Never called on an
+    /// inactive node. Formats with metadata (qcow2) implement it; raw has nothing to do.
+    fn quiesce(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Operations the backend itself issued to the storage below it (format metadata:
+    /// headers, tables); the node adds them to its own counters.
+    fn metadata_stats(&self) -> super::node::NodeStats {
+        super::node::NodeStats::default()
+    }
+
     /// Bytes actually allocated on the storage, where known.
     fn allocated(&self) -> Result<Option<u64>> {
         Ok(None)

@@ -9,6 +9,7 @@ use super::file::FileBackend;
 use super::lock::{self, LockSet};
 use super::memory::MemoryBackend;
 use super::node::{BlockNode, CacheMode, NodeConfig};
+use super::qcow2::{self, Qcow2Backend};
 use super::Backend;
 use crate::{Error, Result, SECTOR_SIZE};
 
@@ -45,10 +46,6 @@ impl Format {
             Format::Raw
         }
     }
-}
-
-fn qcow2_unsupported(path: &Path) -> Error {
-    Error::format("qcow2 images are not supported by this version of blockemu yet").with_path(path)
 }
 
 /// What an image is opened from.
@@ -135,11 +132,18 @@ pub fn open_image(
             Format::probe(&head)
         }
     };
+    let mut size = Some(backend.len()?);
+    let mut backend: Arc<dyn Backend> = wrap(Arc::new(backend));
     if format == Format::Qcow2 {
-        return Err(qcow2_unsupported(&path));
+        let q = Arc::new(Qcow2Backend::new(backend, opts.readonly));
+        // An active open reads and checks the header now; an inactive one reads nothing.
+        size = if opts.active {
+            Some(q.len().map_err(|e| e.with_path(&path))?)
+        } else {
+            None
+        };
+        backend = q;
     }
-    let size = backend.len()?;
-    let backend: Arc<dyn Backend> = wrap(Arc::new(backend));
     BlockNode::new(
         backend,
         NodeConfig {
@@ -149,7 +153,7 @@ pub fn open_image(
             readonly: opts.readonly,
             cache: opts.cache,
             locking: !opts.force_share,
-            size: Some(size),
+            size,
         },
         opts.active,
     )
@@ -182,8 +186,19 @@ pub fn memory_node(
 /// Creates (or overwrites) an image of `size` bytes, rounded up to whole sectors as
 /// `qemu-img create` does. Refuses to touch an image another process has open.
 pub fn create_image(path: &Path, size: u64, format: Format) -> Result<u64> {
-    if format == Format::Qcow2 {
-        return Err(qcow2_unsupported(path));
+    create_image_with(path, size, format, false)
+}
+
+/// `create_image`, with qcow2 options: `lazy_refcounts` (qcow2 only) sets the compatible
+/// feature. A qcow2 image is version 3 with 64 KiB clusters and 16-bit refcounts.
+pub fn create_image_with(
+    path: &Path,
+    size: u64,
+    format: Format,
+    lazy_refcounts: bool,
+) -> Result<u64> {
+    if lazy_refcounts && format != Format::Qcow2 {
+        return Err(Error::invalid("lazy_refcounts is a qcow2 option"));
     }
     let size = size
         .checked_next_multiple_of(SECTOR_SIZE)
@@ -197,8 +212,15 @@ pub fn create_image(path: &Path, size: u64, format: Format) -> Result<u64> {
         .map_err(|e| Error::io(e).with_path(path).with_op("create"))?;
     // Hold the write lock while we truncate, as qemu-img does.
     lock::transition(&file, path, LockSet::NONE, LockSet::READ_WRITE)?;
+    let content = match format {
+        Format::Raw => None,
+        Format::Qcow2 => Some(qcow2::create_empty(size, 16, lazy_refcounts)?),
+    };
     file.set_len(0)
-        .and_then(|_| file.set_len(size))
+        .and_then(|_| match &content {
+            None => file.set_len(size),
+            Some(bytes) => std::os::unix::fs::FileExt::write_all_at(&file, bytes, 0),
+        })
         .map_err(|e| Error::io(e).with_path(path).with_op("create"))?;
     file.sync_all()
         .map_err(|e| Error::io(e).with_path(path).with_op("create"))?;
@@ -213,6 +235,8 @@ pub struct ImageInfo {
     pub virtual_size: u64,
     pub file_size: u64,
     pub allocated: u64,
+    /// qcow2: the dirty bit (lazy refcounts of a writer that has not closed); raw: false.
+    pub dirty: bool,
     pub lock: lock::LockProbe,
 }
 
@@ -223,7 +247,7 @@ pub fn image_info(path: &Path) -> Result<ImageInfo> {
     if meta.is_dir() {
         return Err(Error::os(libc::EISDIR, "is a directory").with_path(path));
     }
-    let mut head = [0u8; 32];
+    let mut head = [0u8; 80];
     let mut got = 0;
     while got < head.len() {
         match file.read(&mut head[got..]) {
@@ -233,13 +257,17 @@ pub fn image_info(path: &Path) -> Result<ImageInfo> {
         }
     }
     let format = Format::probe(&head[..got]);
-    let virtual_size = match format {
-        Format::Raw => meta.len(),
+    let (virtual_size, dirty) = match format {
+        Format::Raw => (meta.len(), false),
         Format::Qcow2 => {
             if got < 32 {
                 return Err(Error::format("truncated qcow2 header").with_path(path));
             }
-            u64::from_be_bytes(head[24..32].try_into().expect("8 bytes"))
+            let v3 = got == head.len() && head[4..8] == 3u32.to_be_bytes();
+            (
+                u64::from_be_bytes(head[24..32].try_into().expect("8 bytes")),
+                v3 && head[79] & 1 != 0,
+            )
         }
     };
     use std::os::unix::fs::MetadataExt;
@@ -249,6 +277,7 @@ pub fn image_info(path: &Path) -> Result<ImageInfo> {
         virtual_size,
         file_size: meta.len(),
         allocated: meta.blocks() * 512,
+        dirty,
         lock: lock::probe(path)?,
     })
 }

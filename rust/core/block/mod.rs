@@ -2,7 +2,7 @@
 //!
 //! Read in this order: `backend` (the storage interface), `file` and `memory` (backends), `fault`
 //! (fault injection stacked on any backend),
-//! `lock` (QEMU-compatible image locks), `node` (lifecycle, stats, trace), `image` (opening
+//! `qcow2` (the qcow2 format over a backend), `lock` (QEMU-compatible image locks), `node` (lifecycle, stats, trace), `image` (opening
 //! and creating images).
 
 pub mod backend;
@@ -12,16 +12,19 @@ pub mod image;
 pub mod lock;
 pub mod memory;
 pub mod node;
+pub mod qcow2;
 
 pub use backend::Backend;
 pub use fault::{FaultInjector, FaultRules, OpKind};
 pub use file::FileBackend;
 pub use image::{
-    create_image, image_info, memory_node, open_image, Format, ImageInfo, ImageOptions,
+    create_image, create_image_with, image_info, memory_node, open_image, Format, ImageInfo,
+    ImageOptions,
 };
 pub use lock::{LockProbe, LockSet, Perm};
 pub use memory::MemoryBackend;
 pub use node::{BlockNode, CacheMode, NodeConfig, NodeStats, Op, Outcome, Phase, TraceEntry};
+pub use qcow2::Qcow2Backend;
 
 /// A zero-filled buffer whose size comes from a caller or guest: allocation failure is an
 /// error (ENOMEM), never an abort of the process. The memory comes zeroed from the allocator

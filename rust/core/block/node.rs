@@ -550,6 +550,14 @@ impl BlockNode {
         Ok(())
     }
 
+    /// Lets the format write back its metadata and clear its dirty bit (active node only).
+    fn quiesce(&self) -> Result<()> {
+        if self.readonly {
+            return Ok(());
+        }
+        self.backend.quiesce()
+    }
+
     /// Closes the gate and waits (interruptibly) until no operation is in flight.
     fn close_gate_and_drain(&self) -> Result<()> {
         self.gate.fetch_and(!OPEN, Ordering::AcqRel);
@@ -591,6 +599,7 @@ impl BlockNode {
         };
         self.close_gate_and_drain().map_err(back_to_active)?;
         self.flush_inner().map_err(back_to_active)?;
+        self.quiesce().map_err(back_to_active)?;
         if let (Some(file), Some(path)) = (&life.lock_file, &self.path) {
             lock::transition(file, path, life.locks, LockSet::INACTIVE).map_err(back_to_active)?;
             life.locks = LockSet::INACTIVE;
@@ -675,7 +684,7 @@ impl BlockNode {
             return Err(e);
         }
         let flushed = if was == Phase::Active {
-            self.flush_inner()
+            self.flush_inner().and_then(|()| self.quiesce())
         } else {
             Ok(())
         };
@@ -687,17 +696,20 @@ impl BlockNode {
         flushed
     }
 
+    /// Operations that reached the storage: the node's own, plus the metadata I/O of the
+    /// format (qcow2 headers and tables).
     pub fn stats(&self) -> NodeStats {
         let c = &self.counters;
+        let m = self.backend.metadata_stats();
         NodeStats {
-            reads: c.reads.load(Ordering::Relaxed),
-            writes: c.writes.load(Ordering::Relaxed),
-            flushes: c.flushes.load(Ordering::Relaxed),
-            discards: c.discards.load(Ordering::Relaxed),
-            write_zeroes: c.write_zeroes.load(Ordering::Relaxed),
-            bytes_read: c.bytes_read.load(Ordering::Relaxed),
-            bytes_written: c.bytes_written.load(Ordering::Relaxed),
-            errors: c.errors.load(Ordering::Relaxed),
+            reads: c.reads.load(Ordering::Relaxed) + m.reads,
+            writes: c.writes.load(Ordering::Relaxed) + m.writes,
+            flushes: c.flushes.load(Ordering::Relaxed) + m.flushes,
+            discards: c.discards.load(Ordering::Relaxed) + m.discards,
+            write_zeroes: c.write_zeroes.load(Ordering::Relaxed) + m.write_zeroes,
+            bytes_read: c.bytes_read.load(Ordering::Relaxed) + m.bytes_read,
+            bytes_written: c.bytes_written.load(Ordering::Relaxed) + m.bytes_written,
+            errors: c.errors.load(Ordering::Relaxed) + m.errors,
         }
     }
 

@@ -408,18 +408,21 @@ pub fn memory_node(
 
 /// Creates (or overwrites) an image; the size is rounded up to whole sectors.
 #[pyfunction]
-#[pyo3(signature = (path, size, *, format="raw"))]
+#[pyo3(signature = (path, size, *, format="raw", lazy_refcounts=false))]
 pub fn create_image(
     py: Python<'_>,
     path: &Bound<'_, PyAny>,
     size: NonNeg,
     format: &str,
+    lazy_refcounts: bool,
 ) -> PyResult<()> {
     let path = path_str(path)?;
     let size = size.0;
     let format = Format::parse(format).py_err()?;
-    py.detach(|| block::create_image(std::path::Path::new(&path), size, format))
-        .py_err()?;
+    py.detach(|| {
+        block::create_image_with(std::path::Path::new(&path), size, format, lazy_refcounts)
+    })
+    .py_err()?;
     Ok(())
 }
 
@@ -436,6 +439,7 @@ pub fn image_info<'py>(py: Python<'py>, path: &Bound<'py, PyAny>) -> PyResult<Bo
     d.set_item("virtual_size", info.virtual_size)?;
     d.set_item("file_size", info.file_size)?;
     d.set_item("allocated_size", info.allocated)?;
+    d.set_item("dirty", info.dirty)?;
     d.set_item("lock", info.lock.describe())?;
     let (held, unshared) = perm_names(info.lock.others);
     d.set_item("locks_held", held)?;
