@@ -151,7 +151,7 @@ def test_format_handling(make_image, tmp_path: Path) -> None:
     with pytest.raises(ImageFormatError):
         blockemu.open_image(make_image(), format="vmdk")  # type: ignore[arg-type]
     q = tmp_path / "fake.qcow2"
-    q.write_bytes(b"QFI\xfb" + bytes(100))
+    q.write_bytes(b"QFI\xfb" + bytes(100))  # qcow2 magic, invalid header
     with pytest.raises(ImageFormatError, match="qcow2"):
         blockemu.open_image(q)
     with pytest.raises(ValueError, match="NBD"):
