@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import blockemu
 from blockemu import ImageFormatError, InactiveError
+
 from peers import require_tool
 
 MIB = 1 << 20

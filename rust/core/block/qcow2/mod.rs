@@ -14,6 +14,7 @@
 //! external data files, extended L2, writes to clusters shared with internal snapshots,
 //! allocating writes with a refcount_order other than 4, a refcount table that must grow.
 
+pub mod fuzz;
 pub mod header;
 
 use std::collections::HashMap;
