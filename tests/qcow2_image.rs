@@ -171,11 +171,13 @@ fn put64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_be_bytes());
 }
 
+type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
+
 #[test]
 fn hostile_headers_are_format_errors() {
     let good = create_empty(8 * MIB, 16, false).unwrap();
     assert!(Header::parse(&good, good.len() as u64).is_ok());
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    let cases: Vec<(&str, Mutation)> = vec![
         ("truncated", Box::new(|b| b.truncate(50))),
         ("truncated v3", Box::new(|b| b.truncate(90))),
         ("huge l1_size", Box::new(|b| put32(b, 36, u32::MAX))),

@@ -76,7 +76,13 @@ def test_our_images_pass_qemu_img_check_and_compare(tmp_path: Path, lazy: bool) 
 
 @pytest.mark.parametrize(
     "opts",
-    ["cluster_size=4096", "cluster_size=65536", "cluster_size=2097152", "lazy_refcounts=on"],
+    [
+        "cluster_size=4096",
+        "cluster_size=65536",
+        "cluster_size=2097152",
+        "lazy_refcounts=on",
+        "compat=0.10",
+    ],
 )
 def test_qemu_img_images_read_and_written(tmp_path: Path, opts: str) -> None:
     img, raw_path = tmp_path / "q.qcow2", tmp_path / "q.raw"
@@ -117,26 +123,21 @@ def test_converted_image_read_byte_exactly(tmp_path: Path) -> None:
 def test_zero_clusters_read_as_zero(tmp_path: Path) -> None:
     img = tmp_path / "z.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(img), "8M")
-    r = subprocess.run(
-        [require_tool("qemu-io"), "-c", "write -P 0x55 0 1M", "-c", "write -z 256k 256k", str(img)]
-        if _has("qemu-io")
-        else ["true"],
-        capture_output=True,
-    )
-    assert r.returncode == 0
+    qemu_io = require_tool("qemu-io")
+    # Data, then zero clusters over part of it (v3 L2 bit 0, the host cluster kept).
+    cmds = ["-c", "write -P 0x55 0 1M", "-c", "write -z 256k 256k", "-c", "write -z 4M 64k"]
+    r = subprocess.run([qemu_io, *cmds, str(img)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     with blockemu.open_image(img) as node:
-        if _has("qemu-io"):
-            assert node.read(0, 256 * 1024) == b"\x55" * (256 * 1024)
-            assert node.read(256 * 1024, 256 * 1024) == bytes(256 * 1024)
+        assert node.read(0, 256 * 1024) == b"\x55" * (256 * 1024)
+        assert node.read(256 * 1024, 256 * 1024) == bytes(256 * 1024)
+        assert node.read(512 * 1024, 1024) == b"\x55" * 1024
         node.write(300 * 1024, b"\x11" * 512)  # into a zero cluster
+        node.write(4 * MIB + 10, b"\x22" * 512)
         assert node.read(300 * 1024, 1024) == b"\x11" * 512 + bytes(512)
+        assert node.read(256 * 1024, 64 * 1024).count(0) == 64 * 1024 - 512
+        assert node.read(4 * MIB, 1024) == bytes(10) + b"\x22" * 512 + bytes(502)
     check_clean(img)
-
-
-def _has(tool: str) -> bool:
-    from shutil import which
-
-    return which(tool) is not None
 
 
 def test_compressed_clusters_are_a_clear_error(tmp_path: Path) -> None:

@@ -550,11 +550,9 @@ impl BlockNode {
         Ok(())
     }
 
-    /// Lets the format write back its metadata and clear its dirty bit (active node only).
+    /// Lets the format write back its metadata, clear its dirty bit (a read-only node has
+    /// none) and forget its cached metadata. Only ever called on an active node.
     fn quiesce(&self) -> Result<()> {
-        if self.readonly {
-            return Ok(());
-        }
         self.backend.quiesce()
     }
 
