@@ -260,3 +260,17 @@ def test_model(tmp_path: Path, ops: list[tuple[str, int, int, int]]) -> None:
                 node.flush()
     with blockemu.open_image(img, readonly=True) as node:
         assert node.read(0, len(model)) == bytes(model)
+
+
+def test_cli_create_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from blockemu.cli import main
+
+    img = tmp_path / "cli.qcow2"
+    assert main(["create", "-f", "qcow2", str(img), "100M"]) == 0
+    check_clean(img)
+    r = qemu_img("info", "--output=json", str(img))
+    assert '"format": "qcow2"' in r.stdout and '"virtual-size": 104857600' in r.stdout
+    capsys.readouterr()
+    assert main(["info", str(img)]) == 0
+    out = capsys.readouterr().out
+    assert "file format: qcow2" in out and "dirty: no" in out
