@@ -200,12 +200,30 @@ impl Qcow2Backend {
         Ok(g.as_mut().expect("loaded"))
     }
 
+    /// Whether the cluster at `off` holds the header, the L1 table or the refcount table: a
+    /// data cluster or an L2 table there is corrupt metadata, and writing it would destroy the
+    /// image (QEMU's overlap check, for the fixed structures).
+    fn overlaps_metadata(st: &State, off: u64) -> bool {
+        let end = off.saturating_add(st.cs);
+        let hits = |start: u64, len: u64| len > 0 && off < start.saturating_add(len) && start < end;
+        off < st.cs
+            || hits(st.h.l1_table_offset, u64::from(st.h.l1_size) * 8)
+            || hits(
+                st.h.refcount_table_offset,
+                u64::from(st.h.refcount_table_clusters) * st.cs,
+            )
+    }
+
     /// The L2 table at `l2_off` (from the cache, or read and cached).
     fn l2_table<'a>(&self, st: &'a mut State, l2_off: u64) -> Result<&'a mut [u64]> {
         if !st.l2_cache.contains_key(&l2_off) {
-            if l2_off % st.cs != 0 || l2_off.checked_add(st.cs).is_none_or(|e| e > st.file_len) {
+            if l2_off % st.cs != 0
+                || l2_off.checked_add(st.cs).is_none_or(|e| e > st.file_len)
+                || Self::overlaps_metadata(st, l2_off)
+            {
                 return Err(corrupt(format!(
-                    "L2 table at {l2_off:#x} is unaligned or beyond the end of the file"
+                    "L2 table at {l2_off:#x} is unaligned, beyond the end of the file or over \
+                     the header, L1 or refcount table"
                 )));
             }
             let mut raw = vec![0u8; st.cs as usize];
@@ -394,7 +412,7 @@ impl Qcow2Backend {
             if e & COPIED == 0 {
                 return Err(shared());
             }
-            if off % st.cs != 0 || off + st.cs > st.file_len {
+            if off % st.cs != 0 || off + st.cs > st.file_len || Self::overlaps_metadata(st, off) {
                 return Err(corrupt(format!(
                     "zero cluster at {off:#x} is out of the file"
                 )));
@@ -460,6 +478,12 @@ impl Backend for Qcow2Backend {
             let in_place = e & (COMPRESSED | COPIED) == COPIED
                 && e & OFFSET_MASK != 0
                 && !(st.h.version >= 3 && e & ZERO != 0);
+            if in_place && Self::overlaps_metadata(st, e & OFFSET_MASK) {
+                return Err(corrupt(format!(
+                    "data cluster at {:#x} overlaps the header, L1 or refcount table",
+                    e & OFFSET_MASK
+                )));
+            }
             if in_place {
                 // Allocated and ours alone: the data goes out without the metadata lock.
                 let Mapping::Data(host) = self.map(st, guest, n as u64)? else {
