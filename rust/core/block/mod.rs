@@ -2,6 +2,7 @@
 //!
 //! Read in this order: `backend` (the storage interface), `file` and `memory` (backends), `fault`
 //! (fault injection stacked on any backend),
+//! `nbd` (an NBD client backend),
 //! `lock` (QEMU-compatible image locks), `node` (lifecycle, stats, trace), `image` (opening
 //! and creating images).
 
@@ -11,16 +12,18 @@ pub mod file;
 pub mod image;
 pub mod lock;
 pub mod memory;
+pub mod nbd;
 pub mod node;
 
 pub use backend::Backend;
 pub use fault::{FaultInjector, FaultRules, OpKind};
 pub use file::FileBackend;
 pub use image::{
-    create_image, image_info, memory_node, open_image, Format, ImageInfo, ImageOptions,
+    create_image, image_info, memory_node, open_image, Format, ImageInfo, ImageOptions, ImageSpec,
 };
 pub use lock::{LockProbe, LockSet, Perm};
 pub use memory::MemoryBackend;
+pub use nbd::NbdBackend;
 pub use node::{BlockNode, CacheMode, NodeConfig, NodeStats, Op, Outcome, Phase, TraceEntry};
 
 /// A zero-filled buffer whose size comes from a caller or guest: allocation failure is an
