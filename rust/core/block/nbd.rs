@@ -20,7 +20,7 @@
 pub mod proto;
 pub mod uri;
 
-use std::io::{ErrorKind as IoKind, IoSlice, Read, Write};
+use std::io::{ErrorKind as IoKind, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
@@ -46,6 +46,12 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+        }
+    }
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read_vectored(bufs),
+            Stream::Unix(s) => s.read_vectored(bufs),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
@@ -107,6 +113,31 @@ impl Io for Conn {
             }
         }
         Ok(())
+    }
+
+    fn recv_reply(&mut self, hdr: &mut [u8; 16], payload: &mut [u8]) -> Result<usize> {
+        let mut got = 0;
+        while got < hdr.len() {
+            let r = {
+                let mut bufs = [IoSliceMut::new(&mut hdr[got..]), IoSliceMut::new(payload)];
+                self.stream.read_vectored(&mut bufs)
+            };
+            match r {
+                Ok(0) => {
+                    return Err(Error::os(
+                        libc::ECONNRESET,
+                        "the NBD server closed the connection",
+                    ))
+                }
+                Ok(n) => got += n,
+                Err(e) if matches!(e.kind(), IoKind::WouldBlock | IoKind::TimedOut) => {
+                    self.wait_slice()?
+                }
+                Err(e) if e.kind() == IoKind::Interrupted => {}
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        Ok(got - hdr.len())
     }
 
     fn send(&mut self, parts: &[&[u8]]) -> Result<()> {

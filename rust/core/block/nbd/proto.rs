@@ -69,6 +69,12 @@ pub trait Io {
     fn recv(&mut self, buf: &mut [u8]) -> Result<()>;
     /// Sends every byte of every part, in order.
     fn send(&mut self, parts: &[&[u8]]) -> Result<()>;
+    /// Fills `hdr`, and may already read into `payload` whatever arrived with it (one system
+    /// call for a read's reply); returns how many payload bytes it read.
+    fn recv_reply(&mut self, hdr: &mut [u8; 16], _payload: &mut [u8]) -> Result<usize> {
+        self.recv(hdr)?;
+        Ok(0)
+    }
 }
 
 /// A protocol violation by the server: the connection cannot be trusted any more.
@@ -378,9 +384,17 @@ pub fn command<I: Io>(
         io.send(&[&hdr, payload])?;
     }
     let mut reply = [0u8; 16];
-    io.recv(&mut reply)?;
+    let early = if cmd == CMD_READ {
+        io.recv_reply(&mut reply, read_buf)?
+    } else {
+        io.recv(&mut reply)?;
+        0
+    };
     let errno = parse_reply(&reply, cookie)?;
     if errno != 0 {
+        if early > 0 {
+            return Err(protocol("data after an error reply"));
+        }
         let what = match cmd {
             CMD_READ => "read",
             CMD_WRITE => "write",
@@ -392,7 +406,7 @@ pub fn command<I: Io>(
         return Ok(Err(command_error(errno, what)));
     }
     if cmd == CMD_READ {
-        io.recv(read_buf)?;
+        io.recv(&mut read_buf[early..])?;
     }
     Ok(Ok(()))
 }
