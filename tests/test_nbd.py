@@ -201,6 +201,25 @@ def test_stalled_server_times_out_then_recovers(serve: Any, image: Path) -> None
     node.close()
 
 
+def test_ctrl_c_interrupts_a_stalled_operation(serve: Any) -> None:
+    srv = serve()
+    node = blockemu.open_image(srv.uri, timeout=30)
+    node.read(0, 512)
+    srv.signal(signal.SIGSTOP)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    t = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            node.read(4096, 512)
+    finally:
+        timer.cancel()
+        srv.signal(signal.SIGCONT)
+    assert time.monotonic() - t < 5
+    assert node.read(0, 512) == pattern(512)  # reconnected
+    node.close()
+
+
 def test_silent_fake_server_times_out(fake: Any) -> None:
     f = fake("silent")
     node = blockemu.open_image(f.uri, timeout=0.3, format="raw")
