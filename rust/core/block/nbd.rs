@@ -169,12 +169,87 @@ impl Io for Conn {
     }
 }
 
+/// `connect(2)` on a Unix socket blocks while the server's backlog is full (a stalled server
+/// that stopped accepting): with SO_SNDTIMEO set it gives up after one slice with EAGAIN, so we
+/// retry until the deadline, interruptibly.
+fn connect_unix(path: &std::path::Path, deadline: Instant) -> Result<UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(Error::invalid(format!(
+            "NBD socket path {} is too long or holds a NUL",
+            path.display()
+        )));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: interrupt::POLL.as_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid descriptor and a timeval of the size we pass.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    loop {
+        // SAFETY: addr is a valid sockaddr_un of at least `len` bytes.
+        let r = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        };
+        if r == 0 {
+            return Ok(UnixStream::from(fd));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => {
+                interrupt::check()?;
+                if Instant::now() >= deadline {
+                    return Err(Error::timeout(
+                        "the NBD server does not accept connections (its backlog is full)",
+                    ));
+                }
+            }
+            Some(libc::EINTR) => {}
+            _ => return Err(Error::io(e)),
+        }
+    }
+}
+
 fn connect_stream(addr: &NbdAddr, timeout: Duration) -> Result<Stream> {
     let stream = match addr {
-        NbdAddr::Unix(path) => {
-            let s = UnixStream::connect(path).map_err(|e| Error::io(e).with_path(path))?;
-            Stream::Unix(s)
-        }
+        NbdAddr::Unix(path) => Stream::Unix(connect_unix(path, Instant::now() + timeout).map_err(
+            |e| match e.kind() {
+                ErrorKind::Io => e.with_path(path),
+                _ => e,
+            },
+        )?),
         NbdAddr::Tcp { host, port } => {
             let addrs = (host.as_str(), *port)
                 .to_socket_addrs()
@@ -510,6 +585,29 @@ mod tests {
             .err()
             .expect("no server");
         assert_eq!(e.kind(), ErrorKind::Io);
+    }
+
+    #[test]
+    fn full_backlog_times_out() {
+        let dir = std::env::temp_dir().join(format!("blockemu-nbd-bl-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let sock = dir.join("s.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        // Never accepted: fill the backlog until a connect would block.
+        let mut held = Vec::new();
+        let t = Instant::now();
+        let err = loop {
+            match connect_unix(&sock, Instant::now() + Duration::from_millis(200)) {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 100_000, "backlog never filled");
+        };
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
