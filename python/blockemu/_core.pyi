@@ -3,7 +3,7 @@
 from collections.abc import Sequence
 from os import PathLike
 from types import TracebackType
-from typing import Literal, TypedDict, final
+from typing import Literal, NotRequired, TypedDict, final
 
 from typing_extensions import Buffer
 
@@ -70,6 +70,7 @@ class _ImageInfo(TypedDict):
     lock: str
     locks_held: list[str]
     locks_unshared: list[str]
+    read_only: NotRequired[bool]
 
 @final
 class BlockNode:
@@ -122,6 +123,7 @@ def open_image(
     cache: _Cache = "writeback",
     force_share: bool = False,
     faults: FaultInjector | None = None,
+    timeout: float | None = None,
 ) -> BlockNode: ...
 def memory_node(
     size: int, *, readonly: bool = False, faults: FaultInjector | None = None
@@ -129,7 +131,7 @@ def memory_node(
 def create_image(
     path: str | PathLike[str], size: int, *, format: _Format = "raw", lazy_refcounts: bool = False
 ) -> None: ...
-def image_info(path: str | PathLike[str]) -> _ImageInfo: ...
+def image_info(path: str | PathLike[str], *, timeout: float | None = None) -> _ImageInfo: ...
 
 @final
 class GuestMemory:

@@ -34,6 +34,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if info["format"] == "qcow2":
         print(f"dirty: {'yes' if info['dirty'] else 'no'}")
     print(f"lock: {info['lock']}")
+    if "read_only" in info:
+        print(f"read-only: {'yes' if info['read_only'] else 'no'}")
     if info["locks_held"] or info["locks_unshared"]:
         held = ", ".join(info["locks_held"]) or "-"
         unshared = ", ".join(info["locks_unshared"]) or "-"
@@ -104,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("info", help="show an image's format, sizes and lock state")
-    p.add_argument("image")
+    p.add_argument("image", help="a path, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
 

@@ -76,6 +76,8 @@ pub struct ImageOptions {
     pub cache: CacheMode,
     /// Skip image locking altogether (like `qemu-img -U`); only for read-only opens.
     pub force_share: bool,
+    /// NBD: the bound of one operation (connect, a command); `None` is 30 s.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Default for ImageOptions {
@@ -86,6 +88,7 @@ impl Default for ImageOptions {
             active: true,
             cache: CacheMode::Writeback,
             force_share: false,
+            timeout: None,
         }
     }
 }
@@ -100,11 +103,7 @@ pub fn open_image(
 ) -> Result<BlockNode> {
     let path = match ImageSpec::parse(spec)? {
         ImageSpec::File(p) => p,
-        ImageSpec::Nbd(uri) => {
-            return Err(Error::invalid(format!(
-                "NBD images are not supported by this version of blockemu yet ({uri})"
-            )))
-        }
+        ImageSpec::Nbd(uri) => return super::nbd::open_node(&uri, opts, wrap),
     };
     if opts.force_share && !opts.readonly {
         return Err(Error::invalid(

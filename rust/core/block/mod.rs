@@ -2,7 +2,8 @@
 //!
 //! Read in this order: `backend` (the storage interface), `file` and `memory` (backends), `fault`
 //! (fault injection stacked on any backend),
-//! `qcow2` (the qcow2 format over a backend), `lock` (QEMU-compatible image locks), `node` (lifecycle, stats, trace), `image` (opening
+//! `qcow2` (the qcow2 format over a backend), `nbd` (an NBD client backend),
+//! `lock` (QEMU-compatible image locks), `node` (lifecycle, stats, trace), `image` (opening
 //! and creating images).
 
 pub mod backend;
@@ -11,6 +12,7 @@ pub mod file;
 pub mod image;
 pub mod lock;
 pub mod memory;
+pub mod nbd;
 pub mod node;
 pub mod qcow2;
 
@@ -19,10 +21,11 @@ pub use fault::{FaultInjector, FaultRules, OpKind};
 pub use file::FileBackend;
 pub use image::{
     create_image, create_image_with, image_info, memory_node, open_image, Format, ImageInfo,
-    ImageOptions,
+    ImageOptions, ImageSpec,
 };
 pub use lock::{LockProbe, LockSet, Perm};
 pub use memory::MemoryBackend;
+pub use nbd::NbdBackend;
 pub use node::{BlockNode, CacheMode, NodeConfig, NodeStats, Op, Outcome, Phase, TraceEntry};
 pub use qcow2::Qcow2Backend;
 

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use blockemu_core::block::{
-    self, Backend, BlockNode, CacheMode, FaultInjector, Format, ImageOptions, LockSet, Outcome,
-    Perm, TraceEntry,
+    self, Backend, BlockNode, CacheMode, FaultInjector, Format, ImageOptions, ImageSpec, LockSet,
+    Outcome, Perm, TraceEntry,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -362,7 +362,7 @@ fn path_str(path: &Bound<'_, PyAny>) -> PyResult<String> {
 
 /// Opens an image as a node.
 #[pyfunction]
-#[pyo3(signature = (spec, *, format=None, readonly=false, active=true, cache="writeback", force_share=false, faults=None))]
+#[pyo3(signature = (spec, *, format=None, readonly=false, active=true, cache="writeback", force_share=false, faults=None, timeout=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn open_image(
     py: Python<'_>,
@@ -373,22 +373,37 @@ pub fn open_image(
     cache: &str,
     force_share: bool,
     faults: Option<&Bound<'_, PyFaultInjector>>,
+    timeout: Option<f64>,
 ) -> PyResult<PyBlockNode> {
     let spec = path_str(spec)?;
+    let timeout = nbd_timeout(timeout)?;
     let opts = ImageOptions {
         format: format.map(Format::parse).transpose().py_err()?,
         readonly,
         active,
         cache: CacheMode::parse(cache).py_err()?,
         force_share,
+        timeout,
     };
     let wrap = with_faults(faults);
-    let node = py
-        .detach(|| block::open_image(&spec, &opts, wrap))
-        .py_err()?;
+    // Interruptible: an NBD open waits for a server.
+    let node = detach_interruptible(py, || block::open_image(&spec, &opts, wrap)).py_err()?;
     Ok(PyBlockNode {
         inner: Arc::new(node),
     })
+}
+
+/// The NBD operation timeout in seconds: positive and finite.
+fn nbd_timeout(timeout: Option<f64>) -> PyResult<Option<std::time::Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => {
+            Ok(Some(std::time::Duration::from_secs_f64(t)))
+        }
+        Some(t) => Err(PyValueError::new_err(format!(
+            "timeout must be a positive number of seconds, not {t}"
+        ))),
+    }
 }
 
 /// A node over a zero-filled disk held in memory.
@@ -426,10 +441,35 @@ pub fn create_image(
     Ok(())
 }
 
-/// What an image is: format, sizes and who holds its locks (takes no lock itself).
+/// What an image is: format, sizes and who holds its locks (takes no lock itself). An NBD
+/// URI is asked of its server (a handshake, no data read): size and read-only flag.
 #[pyfunction]
-pub fn image_info<'py>(py: Python<'py>, path: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyDict>> {
+#[pyo3(signature = (path, *, timeout=None))]
+pub fn image_info<'py>(
+    py: Python<'py>,
+    path: &Bound<'py, PyAny>,
+    timeout: Option<f64>,
+) -> PyResult<Bound<'py, PyDict>> {
     let path = path_str(path)?;
+    let timeout = nbd_timeout(timeout)?;
+    if let ImageSpec::Nbd(uri) = ImageSpec::parse(&path).py_err()? {
+        let timeout = timeout.unwrap_or(block::nbd::DEFAULT_TIMEOUT);
+        let info = detach_interruptible(py, || block::nbd::info(&uri, timeout)).py_err()?;
+        let d = PyDict::new(py);
+        d.set_item("path", &uri)?;
+        d.set_item("format", "raw")?;
+        d.set_item("virtual_size", info.size)?;
+        d.set_item("file_size", info.size)?;
+        d.set_item("allocated_size", info.size)?;
+        d.set_item(
+            "lock",
+            "none (an NBD client holds no image lock; the server owns the image)",
+        )?;
+        d.set_item("locks_held", Vec::<&str>::new())?;
+        d.set_item("locks_unshared", Vec::<&str>::new())?;
+        d.set_item("read_only", info.readonly)?;
+        return Ok(d);
+    }
     let info = py
         .detach(|| block::image_info(std::path::Path::new(&path)))
         .py_err()?;

@@ -1,0 +1,151 @@
+"""The NBD client backend at one request in flight, against `qemu-img bench` on the same
+qemu-nbd export and against the raw file, in the same run (issue 7's target: our node >= 0.8x
+qemu-img bench, reads and writes).
+
+A 64 MiB image in /dev/shm served by qemu-nbd over a Unix socket. 4 KiB reads and writes,
+one request in flight: `qemu-img bench -f raw -d 1 -s 4096 -S 4096 -c N [-w --pattern=0xa5]`
+(qemu-img bench walks offsets sequentially), our node at the same sequential offsets and at
+random ones, and our node over a copy of the raw file (what the network costs).
+
+Run: python benches/bench_nbd.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+
+import blockemu
+
+SIZE = 64 << 20
+BS = 4096
+
+
+def best_of(repeats: int, fn: Callable[[], None]) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        gc.disable()
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        gc.enable()
+    return best
+
+
+def qemu_img_bench(uri: str, n: int, write: bool, repeats: int) -> float:
+    args = ["qemu-img", "bench", "-f", "raw", "-d", "1", "-s", str(BS), "-S", str(BS)]
+    args += ["-c", str(n)]
+    if write:
+        args += ["-w", "--pattern=0xa5"]
+    best = float("inf")
+    for _ in range(repeats):
+        out = subprocess.run([*args, uri], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"Run completed in ([0-9.]+) seconds", out)
+        assert m, out
+        best = min(best, float(m.group(1)))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
+    args = ap.parse_args()
+    n = 5_000 if args.quick else 50_000
+    repeats = 2 if args.quick else 5
+    if shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None:
+        print("qemu-nbd / qemu-img not installed: skipped")
+        return
+
+    d = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(dir=d, prefix="bnbd-") as tmp:
+        img = os.path.join(tmp, "nbd.img")
+        raw = os.path.join(tmp, "raw.img")
+        with open(img, "wb") as f:
+            f.write(random.Random(1).randbytes(SIZE))
+        shutil.copyfile(img, raw)
+        sock = os.path.join(tmp, "s.sock")
+        pidfile = os.path.join(tmp, "pid")
+        subprocess.run(
+            [
+                "qemu-nbd",
+                "--fork",
+                "--persistent",
+                "--shared=4",
+                "-f",
+                "raw",
+                "-x",
+                "exp",
+                "--pid-file",
+                pidfile,
+                "-k",
+                sock,
+                img,
+            ],
+            check=True,
+        )
+        while not os.path.exists(pidfile) or not open(pidfile).read().strip():
+            time.sleep(0.01)
+        pid = int(open(pidfile).read())
+        uri = f"nbd+unix:///exp?socket={sock}"
+        try:
+            rng = random.Random(42)
+            rand = [rng.randrange(SIZE // BS) * BS for _ in range(n)]
+            seq = [(i * BS) % SIZE for i in range(n)]
+            node = blockemu.open_image(uri, format="raw")
+            fnode = blockemu.open_image(raw, format="raw")
+            block = bytes([0xA5]) * BS
+            assert node.read(rand[0], BS) == fnode.read(rand[0], BS)
+
+            def reads(nd: blockemu.BlockNode, offs: list[int]) -> Callable[[], None]:
+                def run() -> None:
+                    read = nd.read
+                    for o in offs:
+                        read(o, BS)
+
+                return run
+
+            def writes(nd: blockemu.BlockNode, offs: list[int]) -> Callable[[], None]:
+                def run() -> None:
+                    write = nd.write
+                    for o in offs:
+                        write(o, block)
+
+                return run
+
+            rows = []
+            for kind, write in (("read", False), ("write", True)):
+                q = qemu_img_bench(uri, n, write, repeats)
+                mk = writes if write else reads
+                ours_seq = best_of(repeats, mk(node, seq))
+                ours_rand = best_of(repeats, mk(node, rand))
+                file_rand = best_of(repeats, mk(fnode, rand))
+                rows.append((kind, q, ours_seq, ours_rand, file_rand))
+            node.close()
+            fnode.close()
+        finally:
+            os.kill(pid, signal.SIGTERM)
+
+    print(f"4 KiB, 1 request in flight, {n} ops, best of {repeats} (IOPS)")
+    print(
+        f"{'':6} {'qemu-img bench':>15} {'node seq':>10} {'node rand':>10} {'raw file':>10}"
+        f" {'seq/qemu':>9} {'rand/qemu':>10}"
+    )
+    for kind, q, s, r, f in rows:
+        print(
+            f"{kind:6} {n / q:15.0f} {n / s:10.0f} {n / r:10.0f} {n / f:10.0f}"
+            f" {q / s:9.2f} {q / r:10.2f}"
+        )
+    print("target: node / qemu-img bench >= 0.8 (reads and writes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,630 @@
+//! An NBD client backend: an image served by an NBD server (qemu-nbd, qemu-storage-daemon,
+//! nbdkit, ...) over TCP or a Unix socket.
+//!
+//! - One connection, one request in flight: a mutex serializes the worker threads. A round
+//!   trip is a few tens of microseconds on a local socket, and serializing keeps the stream
+//!   state trivially correct (no reply reordering to match).
+//! - Every operation has a deadline (`timeout`, 30 s by default): the socket waits in slices of
+//!   [`interrupt::POLL`], so a stalled or vanished server becomes an error (`Timeout` or an
+//!   I/O error) and a Python caller's Ctrl-C gets through. After any failure that leaves the
+//!   stream in an unknown state (timeout, interruption, protocol violation, EOF) the
+//!   connection is dropped; the next operation reconnects (and checks the export kept its size).
+//!   A command the server fails cleanly (an errno in the reply) keeps the connection.
+//! - Opening connects and negotiates (NBD_OPT_GO): that is how a typing error in the URI or
+//!   the export name fails early and how the size and the read-only flag are known. Negotiation
+//!   reads no data: an inactive node sends zero transmission commands (no READ, WRITE, FLUSH,
+//!   ...) until it is activated.
+//! - An NBD client holds no image lock: the server owns the image. Keeping a single writer
+//!   over NBD is the migration coordinator's job (the node is inactive on the destination).
+
+pub mod proto;
+pub mod uri;
+
+use std::io::{ErrorKind as IoKind, IoSlice, IoSliceMut, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use self::proto::{ExportInfo, Io};
+pub use self::uri::{NbdAddr, NbdUri};
+use super::image::{Format, ImageOptions};
+use super::node::{BlockNode, NodeConfig};
+use super::Backend;
+use crate::{interrupt, Error, ErrorKind, Result};
+
+/// The default bound of one operation (connect + handshake, or one command and its reply).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read_vectored(bufs),
+            Stream::Unix(s) => s.read_vectored(bufs),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+/// A connection with the deadline of the operation under way.
+struct Conn {
+    stream: Stream,
+    deadline: Instant,
+    cookie: u64,
+}
+
+fn timed_out() -> Error {
+    Error::timeout("the NBD server did not answer in time")
+}
+
+impl Conn {
+    fn wait_slice(&self) -> Result<()> {
+        interrupt::check()?;
+        if Instant::now() >= self.deadline {
+            return Err(timed_out());
+        }
+        Ok(())
+    }
+}
+
+fn io_err(e: std::io::Error) -> Error {
+    Error::io(e).with_op("nbd")
+}
+
+impl Io for Conn {
+    fn recv(&mut self, buf: &mut [u8]) -> Result<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.stream.read(&mut buf[got..]) {
+                Ok(0) => {
+                    return Err(Error::os(
+                        libc::ECONNRESET,
+                        "the NBD server closed the connection",
+                    ))
+                }
+                Ok(n) => got += n,
+                Err(e) if matches!(e.kind(), IoKind::WouldBlock | IoKind::TimedOut) => {
+                    self.wait_slice()?
+                }
+                Err(e) if e.kind() == IoKind::Interrupted => {}
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn recv_reply(&mut self, hdr: &mut [u8; 16], payload: &mut [u8]) -> Result<usize> {
+        let mut got = 0;
+        while got < hdr.len() {
+            let r = {
+                let mut bufs = [IoSliceMut::new(&mut hdr[got..]), IoSliceMut::new(payload)];
+                self.stream.read_vectored(&mut bufs)
+            };
+            match r {
+                Ok(0) => {
+                    return Err(Error::os(
+                        libc::ECONNRESET,
+                        "the NBD server closed the connection",
+                    ))
+                }
+                Ok(n) => got += n,
+                Err(e) if matches!(e.kind(), IoKind::WouldBlock | IoKind::TimedOut) => {
+                    self.wait_slice()?
+                }
+                Err(e) if e.kind() == IoKind::Interrupted => {}
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        Ok(got - hdr.len())
+    }
+
+    fn send(&mut self, parts: &[&[u8]]) -> Result<()> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut done = 0;
+        while done < total {
+            // The parts not yet sent, the first one trimmed.
+            let mut skip = done;
+            let mut slices = Vec::with_capacity(parts.len());
+            for p in parts {
+                if skip >= p.len() {
+                    skip -= p.len();
+                    continue;
+                }
+                slices.push(IoSlice::new(&p[skip..]));
+                skip = 0;
+            }
+            match self.stream.write_vectored(&slices) {
+                Ok(0) => return Err(Error::os(libc::EPIPE, "the NBD connection is closed")),
+                Ok(n) => done += n,
+                Err(e) if matches!(e.kind(), IoKind::WouldBlock | IoKind::TimedOut) => {
+                    self.wait_slice()?
+                }
+                Err(e) if e.kind() == IoKind::Interrupted => {}
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `connect(2)` on a Unix socket blocks while the server's backlog is full (a stalled server
+/// that stopped accepting): with SO_SNDTIMEO set it gives up after one slice with EAGAIN, so we
+/// retry until the deadline, interruptibly.
+fn connect_unix(path: &std::path::Path, deadline: Instant) -> Result<UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(Error::invalid(format!(
+            "NBD socket path {} is too long or holds a NUL",
+            path.display()
+        )));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: interrupt::POLL.as_micros() as libc::suseconds_t,
+    };
+    // SAFETY: valid descriptor and a timeval of the size we pass.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    loop {
+        // SAFETY: addr is a valid sockaddr_un of at least `len` bytes.
+        let r = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        };
+        if r == 0 {
+            return Ok(UnixStream::from(fd));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => {
+                interrupt::check()?;
+                if Instant::now() >= deadline {
+                    return Err(Error::timeout(
+                        "the NBD server does not accept connections (its backlog is full)",
+                    ));
+                }
+            }
+            Some(libc::EINTR) => {}
+            _ => return Err(Error::io(e)),
+        }
+    }
+}
+
+fn connect_stream(addr: &NbdAddr, timeout: Duration) -> Result<Stream> {
+    let stream = match addr {
+        NbdAddr::Unix(path) => Stream::Unix(connect_unix(path, Instant::now() + timeout).map_err(
+            |e| match e.kind() {
+                ErrorKind::Io => e.with_path(path),
+                _ => e,
+            },
+        )?),
+        NbdAddr::Tcp { host, port } => {
+            let addrs = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(|e| Error::io(e).with_op("nbd: resolve"))?;
+            let mut last = None;
+            let mut found = None;
+            for a in addrs {
+                match TcpStream::connect_timeout(&a, timeout) {
+                    Ok(s) => {
+                        found = Some(s);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let s = match (found, last) {
+                (Some(s), _) => s,
+                (None, Some(e)) => return Err(Error::io(e).with_op("nbd: connect")),
+                (None, None) => {
+                    return Err(Error::os(
+                        libc::EHOSTUNREACH,
+                        format!("{host} has no address"),
+                    ))
+                }
+            };
+            s.set_nodelay(true).map_err(io_err)?;
+            Stream::Tcp(s)
+        }
+    };
+    let slice = Some(interrupt::POLL);
+    let r = match &stream {
+        Stream::Tcp(s) => s.set_read_timeout(slice).and(s.set_write_timeout(slice)),
+        Stream::Unix(s) => s.set_read_timeout(slice).and(s.set_write_timeout(slice)),
+    };
+    r.map_err(io_err)?;
+    Ok(stream)
+}
+
+/// Connects and negotiates; no transmission command is sent.
+fn connect(uri: &NbdUri, timeout: Duration) -> Result<(Conn, ExportInfo)> {
+    let deadline = Instant::now() + timeout;
+    let stream = connect_stream(&uri.addr, timeout)?;
+    let mut conn = Conn {
+        stream,
+        deadline,
+        cookie: 0,
+    };
+    let info = proto::handshake(&mut conn, &uri.export)?;
+    Ok((conn, info))
+}
+
+/// What `blockemu info` shows of an NBD export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdInfo {
+    pub size: u64,
+    pub readonly: bool,
+    pub flags: u16,
+}
+
+/// Connects, negotiates, disconnects: the export's size and flags.
+pub fn info(spec: &str, timeout: Duration) -> Result<NbdInfo> {
+    let uri = NbdUri::parse(spec)?;
+    let (conn, info) = connect(&uri, timeout)?;
+    disconnect(conn);
+    Ok(NbdInfo {
+        size: info.size,
+        readonly: info.readonly(),
+        flags: info.flags,
+    })
+}
+
+fn disconnect(mut conn: Conn) {
+    conn.deadline = Instant::now() + Duration::from_millis(100);
+    conn.cookie += 1;
+    let _ = conn.send(&[&proto::request(proto::CMD_DISC, conn.cookie, 0, 0)]);
+    conn.stream.shutdown();
+}
+
+/// The NBD client backend.
+pub struct NbdBackend {
+    uri: NbdUri,
+    spec: String,
+    info: ExportInfo,
+    timeout: Duration,
+    /// `None` after a failure that broke the stream: the next operation reconnects.
+    conn: Mutex<Option<Conn>>,
+}
+
+impl NbdBackend {
+    /// Connects to `spec` and negotiates the export (no data is read).
+    pub fn connect(spec: &str, timeout: Option<Duration>) -> Result<Self> {
+        let uri = NbdUri::parse(spec)?;
+        let timeout = timeout.unwrap_or(DEFAULT_TIMEOUT);
+        if timeout.is_zero() {
+            return Err(Error::invalid("the NBD timeout must be positive"));
+        }
+        let (conn, info) = connect(&uri, timeout).map_err(|e| context(e, spec))?;
+        Ok(NbdBackend {
+            uri,
+            spec: spec.to_string(),
+            info,
+            timeout,
+            conn: Mutex::new(Some(conn)),
+        })
+    }
+
+    pub fn export_info(&self) -> ExportInfo {
+        self.info
+    }
+    pub fn readonly(&self) -> bool {
+        self.info.readonly()
+    }
+
+    /// Runs one command; on a connection-level failure drops the connection.
+    fn command(
+        &self,
+        cmd: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+        read_buf: &mut [u8],
+    ) -> Result<()> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            let (conn, info) =
+                connect(&self.uri, self.timeout).map_err(|e| context(e, &self.spec))?;
+            if info.size != self.info.size || info.readonly() != self.info.readonly() {
+                disconnect(conn);
+                return Err(Error::os(
+                    libc::EIO,
+                    format!(
+                        "NBD export {} changed on reconnection (size {} -> {})",
+                        self.spec, self.info.size, info.size
+                    ),
+                ));
+            }
+            *guard = Some(conn);
+        }
+        let conn = guard.as_mut().expect("connected above");
+        conn.deadline = Instant::now() + self.timeout;
+        conn.cookie = conn.cookie.wrapping_add(1);
+        let cookie = conn.cookie;
+        match proto::command(conn, cmd, cookie, offset, len, payload, read_buf) {
+            Ok(r) => r.map_err(|e| e.with_offset(offset)),
+            Err(e) => {
+                if let Some(c) = guard.take() {
+                    c.stream.shutdown();
+                }
+                Err(context(e, &self.spec).with_offset(offset))
+            }
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.info.readonly() {
+            return Err(Error::read_only(format!(
+                "NBD export {} is read-only",
+                self.spec
+            )));
+        }
+        Ok(())
+    }
+
+    /// Splits `[offset, offset + len)` into requests of at most `max` bytes.
+    fn chunks(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u32)> {
+        let mut done = 0u64;
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let n = (len - done).min(max);
+            let item = (offset + done, n as u32);
+            done += n;
+            Some(item)
+        })
+    }
+}
+
+/// Names the export in a message (I/O errors keep their errno).
+fn context(e: Error, spec: &str) -> Error {
+    match e.kind() {
+        ErrorKind::Interrupted | ErrorKind::InvalidArgument | ErrorKind::ReadOnly => e,
+        _ if e.context().path.is_some() => e,
+        ErrorKind::Timeout => Error::timeout(format!("{} ({spec})", e.message())),
+        _ => {
+            let code = e.os_code().unwrap_or(libc::EIO);
+            Error::os(code, format!("{} ({spec})", e.message()))
+        }
+    }
+}
+
+impl Drop for NbdBackend {
+    fn drop(&mut self) {
+        let conn = self
+            .conn
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(conn) = conn {
+            disconnect(conn);
+        }
+    }
+}
+
+impl Backend for NbdBackend {
+    fn kind(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let max = u64::from(self.info.max_payload);
+        let mut at = 0usize;
+        for (off, n) in Self::chunks(offset, buf.len() as u64, max) {
+            let end = at + n as usize;
+            self.command(proto::CMD_READ, off, n, &[], &mut buf[at..end])?;
+            at = end;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        let max = u64::from(self.info.max_payload);
+        let mut at = 0usize;
+        for (off, n) in Self::chunks(offset, buf.len() as u64, max) {
+            let end = at + n as usize;
+            self.command(proto::CMD_WRITE, off, n, &buf[at..end], &mut [])?;
+            at = end;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.info.has(proto::TFLAG_SEND_FLUSH) && !self.info.readonly() {
+            self.command(proto::CMD_FLUSH, 0, 0, &[], &mut [])?;
+        }
+        Ok(())
+    }
+
+    /// The size negotiated at connection (NBD has no way to re-read it without reconnecting).
+    fn len(&self) -> Result<u64> {
+        Ok(self.info.size)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<bool> {
+        self.check_writable()?;
+        if !self.info.has(proto::TFLAG_SEND_TRIM) {
+            return Ok(false);
+        }
+        for (off, n) in Self::chunks(offset, len, 1 << 30) {
+            self.command(proto::CMD_TRIM, off, n, &[], &mut [])?;
+        }
+        Ok(true)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        if !self.info.has(proto::TFLAG_SEND_WRITE_ZEROES) {
+            return super::backend::write_zeroes_by_writing(self, offset, len);
+        }
+        for (off, n) in Self::chunks(offset, len, 1 << 30) {
+            self.command(proto::CMD_WRITE_ZEROES, off, n, &[], &mut [])?;
+        }
+        Ok(())
+    }
+}
+
+/// Opens an NBD export as a node (see the module comment for what an inactive open does).
+/// A read-only export makes a read-only node. `format=None` on an active open probes the
+/// first bytes (one READ); qcow2 over NBD is not supported.
+pub fn open_node(
+    spec: &str,
+    opts: &ImageOptions,
+    wrap: impl FnOnce(Arc<dyn Backend>) -> Arc<dyn Backend>,
+) -> Result<BlockNode> {
+    if !opts.active && opts.format.is_none() {
+        return Err(Error::invalid(
+            "an inactive node must be opened with an explicit format: probing would read the \
+             image before activation",
+        ));
+    }
+    let backend = NbdBackend::connect(spec, opts.timeout)?;
+    let format = match opts.format {
+        Some(f) => f,
+        None => {
+            let mut head = [0u8; 4];
+            if backend.info.size >= 4 {
+                backend.read_at(&mut head, 0)?;
+            }
+            Format::probe(&head)
+        }
+    };
+    if format != Format::Raw {
+        return Err(Error::format(format!(
+            "{} images over NBD are not supported yet ({spec})",
+            format.as_str()
+        )));
+    }
+    let readonly = opts.readonly || backend.readonly();
+    let size = backend.info.size;
+    BlockNode::new(
+        wrap(Arc::new(backend)),
+        NodeConfig {
+            name: spec.to_string(),
+            path: None,
+            format: format.as_str(),
+            readonly,
+            cache: opts.cache,
+            // The server owns the image: an NBD client holds no file lock.
+            locking: false,
+            size: Some(size),
+        },
+        opts.active,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_split_at_max() {
+        let c: Vec<_> = NbdBackend::chunks(10, 25, 10).collect();
+        assert_eq!(c, vec![(10, 10), (20, 10), (30, 5)]);
+        assert_eq!(NbdBackend::chunks(0, 0, 10).count(), 0);
+    }
+
+    #[test]
+    fn refused_connection_is_an_os_error() {
+        let dir = std::env::temp_dir().join(format!("blockemu-nbd-{}", std::process::id()));
+        let spec = format!("nbd+unix:///x?socket={}", dir.join("none.sock").display());
+        let e = NbdBackend::connect(&spec, Some(Duration::from_millis(200)))
+            .err()
+            .expect("no server");
+        assert_eq!(e.kind(), ErrorKind::Io);
+    }
+
+    #[test]
+    fn full_backlog_times_out() {
+        let dir = std::env::temp_dir().join(format!("blockemu-nbd-bl-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let sock = dir.join("s.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        // Never accepted: fill the backlog until a connect would block.
+        let mut held = Vec::new();
+        let t = Instant::now();
+        let err = loop {
+            match connect_unix(&sock, Instant::now() + Duration::from_millis(200)) {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 100_000, "backlog never filled");
+        };
+        assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn stalled_server_times_out() {
+        let dir = std::env::temp_dir().join(format!("blockemu-nbd-stall-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let sock = dir.join("s.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let spec = format!("nbd+unix:///x?socket={}", sock.display());
+        let t = Instant::now();
+        let e = NbdBackend::connect(&spec, Some(Duration::from_millis(200)))
+            .err()
+            .expect("silent server");
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
