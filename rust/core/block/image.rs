@@ -79,6 +79,43 @@ pub struct ImageOptions {
     pub cache: CacheMode,
     /// Skip image locking altogether (like `qemu-img -U`); only for read-only opens.
     pub force_share: bool,
+    /// Caches stacked on the file (the shared-store model, copy-on-read).
+    pub caches: CacheLayers,
+}
+
+/// Caches stacked on an image's backend, bottom up: the host cache of the weakly coherent
+/// shared-store model, then a copy-on-read overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheLayers {
+    /// Model this open as one NFS client of a shared file ([`super::HostCache`]).
+    pub host_cache: bool,
+    /// A copy-on-read cache file ([`super::CorCache`]).
+    pub cor_cache: Option<PathBuf>,
+    /// Activation drops both caches (default); `false` is the pre-2010 hazard.
+    pub revalidate: bool,
+}
+
+impl Default for CacheLayers {
+    fn default() -> Self {
+        CacheLayers {
+            host_cache: false,
+            cor_cache: None,
+            revalidate: true,
+        }
+    }
+}
+
+impl CacheLayers {
+    /// Stacks the layers asked for on `backend`.
+    pub fn stack(&self, mut backend: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
+        if self.host_cache {
+            backend = Arc::new(super::HostCache::new(backend, self.revalidate));
+        }
+        if let Some(cache) = &self.cor_cache {
+            backend = Arc::new(super::CorCache::open(backend, cache, self.revalidate)?);
+        }
+        Ok(backend)
+    }
 }
 
 impl Default for ImageOptions {
@@ -89,6 +126,7 @@ impl Default for ImageOptions {
             active: true,
             cache: CacheMode::Writeback,
             force_share: false,
+            caches: CacheLayers::default(),
         }
     }
 }
@@ -139,7 +177,7 @@ pub fn open_image(
         return Err(qcow2_unsupported(&path));
     }
     let size = backend.len()?;
-    let backend: Arc<dyn Backend> = wrap(Arc::new(backend));
+    let backend: Arc<dyn Backend> = opts.caches.stack(wrap(Arc::new(backend)))?;
     BlockNode::new(
         backend,
         NodeConfig {
