@@ -334,3 +334,24 @@ def test_14_eager_destination_is_refused_by_the_coordinator(tmp_path: Path) -> N
     assert not d["ok"]
     assert "before activation" in d["error"]["message"], d["error"]
     assert not s["ok"] and s["error"]["source_resumed"], s
+
+
+def test_eager_policy_on_virtio_and_bad_policy(tmp_path: Path) -> None:
+    from blockemu import GuestMemory, VirtioBlk
+
+    path = image(tmp_path)
+    ram = GuestMemory(1 << 20)
+    lazy = blockemu.open_image(path, format="raw", active=False)
+    VirtioBlk(lazy, ram)
+    assert lazy.stats()["reads"] == 0
+    eager = blockemu.open_image(path, format="raw", active=False)
+    eager.enable_trace()
+    VirtioBlk(eager, ram, geometry_policy="eager")
+    assert eager.stats()["reads"] == 1
+    assert [(e["op"], e["active"]) for e in eager.trace()] == [("read", False)]
+    with pytest.raises(ValueError, match="geometry_policy"):
+        VirtioBlk(lazy, ram, geometry_policy="early")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="geometry_policy"):
+        IdeDisk(lazy, geometry_policy="early")  # type: ignore[arg-type]
+    lazy.close()
+    eager.close()
