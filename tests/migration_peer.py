@@ -18,6 +18,13 @@ it), ``autostart``, ``after`` (seconds the guest runs after the migration), ``ho
 stay alive at the end, locks held), ``open_error`` (the destination cannot open its image),
 ``ready_file`` (the destination writes it once listening), ``verify``, ``then_migrate``
 ({"uri", "timeout"}: a destination migrates its machine on once it has it).
+The hazard scenarios (tests/test_hazard.py): ``host_cache`` (every node models one NFS client of
+the shared image), ``cor_cache`` (a directory: each node gets a copy-on-read cache file there),
+``revalidate`` (false: caches survive activation, the pre-2010 hazard), ``geometry_policy``
+("lazy"/"eager" for every disk), ``mbr`` (hex of a sector 0 the source host writes to the IDE
+image before it builds its machine: a repartition); the output then has ``ide_geometry`` (the
+IDE disk's geometry in the end), ``ide_sector0`` (sector 0 as the guest reads it after the
+migration) and ``cached_blocks`` per node.
 """
 
 from __future__ import annotations
@@ -46,12 +53,33 @@ from blockemu.drivers import AtaDriver, VirtioBlkDriver
 from blockemu.guest import GuestWorkload
 from blockemu.migration import Timeouts, incoming, migrate
 
+# the last machine built here: its IDE disk and ATA driver (for _hazard_view)
+_VIEW: dict[str, Any] = {}
+
 
 def _node_info(m: Machine) -> dict[str, Any]:
     out = {}
     for name, node in m.iter_nodes():
-        out[name] = {"active": node.active, "stats": node.stats(), "locks": node.locks()}
+        out[name] = {
+            "active": node.active,
+            "stats": node.stats(),
+            "locks": node.locks(),
+            "cached_blocks": node.cached_blocks(),
+        }
     return out
+
+
+def _open(cfg: dict[str, Any], key: str, *, source: bool, fi: FaultInjector) -> blockemu.BlockNode:
+    cor = cfg.get("cor_cache")
+    return blockemu.open_image(
+        cfg[key],
+        format="raw",
+        active=source,
+        faults=fi,
+        host_cache=bool(cfg.get("host_cache", False)),
+        cor_cache=str(Path(cor) / f"{key}-{'src' if source else 'dst'}.cache") if cor else None,
+        revalidate=bool(cfg.get("revalidate", True)),
+    )
 
 
 def build(cfg: dict[str, Any], *, source: bool) -> tuple[Machine, GuestWorkload | None, dict]:
@@ -62,9 +90,12 @@ def build(cfg: dict[str, Any], *, source: bool) -> tuple[Machine, GuestWorkload 
     ata = vdrv = None
     if cfg.get("ide"):
         fi = faults["ide"] = FaultInjector()
-        node = blockemu.open_image(cfg["ide"], format="raw", active=source, faults=fi)
+        node = _open(cfg, "ide", source=source, fi=fi)
         c, h, s = cfg.get("ide_geometry") or (0, 0, 0)
-        ch = IdeChannel(master=IdeDisk(node, cyls=c, heads=h, secs=s))
+        policy = cfg.get("geometry_policy", "lazy")
+        disk = IdeDisk(node, cyls=c, heads=h, secs=s, geometry_policy=policy)
+        ch = IdeChannel(master=disk)
+        _VIEW["ide_disk"] = disk
         m.add("ide0", ch)
         ata = AtaDriver(ch, timeout=5.0)
     if cfg.get("ide2"):
@@ -74,8 +105,8 @@ def build(cfg: dict[str, Any], *, source: bool) -> tuple[Machine, GuestWorkload 
         m.add("ide1", IdeChannel(master=IdeDisk(node, cyls=20, heads=16, secs=63)))
     if cfg.get("virtio"):
         fi = faults["virtio"] = FaultInjector()
-        node = blockemu.open_image(cfg["virtio"], format="raw", active=source, faults=fi)
-        vb = VirtioBlk(node, ram, queue_size=64)
+        node = _open(cfg, "virtio", source=source, fi=fi)
+        vb = VirtioBlk(node, ram, queue_size=64, geometry_policy=cfg.get("geometry_policy", "lazy"))
         m.add("vblk0", vb)
         vdrv = VirtioBlkDriver(vb, ram, queue_size=64, timeout=5.0)
     wl = None
@@ -87,7 +118,20 @@ def build(cfg: dict[str, Any], *, source: bool) -> tuple[Machine, GuestWorkload 
             inflight=bool(w.get("inflight", False)),
             ack_log=w.get("ack_log"),
         )
+    _VIEW["ata"] = ata
     return m, wl, faults
+
+
+def _hazard_view(m: Machine, out: dict[str, Any]) -> None:
+    """What the guest sees in the end: the IDE disk's geometry and sector 0."""
+    disk = _VIEW.get("ide_disk")
+    if disk is None:
+        return
+    g = disk.geometry
+    out["ide_geometry"] = None if g is None else [g.cyls, g.heads, g.secs]
+    ata = _VIEW.get("ata")
+    if m.running and ata is not None:
+        out["ide_sector0"] = ata.read(0, 1).hex()
 
 
 def main() -> int:
@@ -132,6 +176,11 @@ def main() -> int:
     wl: GuestWorkload | None = None
     try:
         if role == "source":
+            if cfg.get("mbr"):
+                # the source host repartitions the disk before its guest starts
+                with blockemu.open_image(cfg["ide"], format="raw") as n:
+                    n.write(0, bytes.fromhex(cfg["mbr"]))
+                    n.flush()
             m, wl, holder["faults"] = build(cfg, source=True)
             holder["m"] = m
             m.start()
@@ -234,6 +283,9 @@ def main() -> int:
             m = holder.get("m")
             wl = holder.get("wl")
             if m is not None:
+                if wl is None:
+                    # no guest of ours runs: the ATA driver is free for a look
+                    _hazard_view(m, out)
                 out["state_after"] = m.state
                 out["running_after"] = m.running
                 if m.running and wl is not None:

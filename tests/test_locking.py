@@ -124,3 +124,29 @@ def test_we_see_qemus_write_lock(make_image) -> None:
         proc.wait(timeout=30)
     with blockemu.open_image(path) as node:
         assert node.read(0, 4096) == b"\x5a" * 4096
+
+
+def test_qemu_img_readers_refused_while_we_hold_the_write_lock(make_image, tmp_path) -> None:
+    """An active blockemu node is a writer QEMU's tools respect: a qemu-img that reads the
+    data (convert) fails on the shared "write" lock; ``-U`` (force share) is the only way
+    around it. ``qemu-img info`` of a raw image reads no data and, in QEMU 7.2, opens without
+    that lock: it is not refused. (The other direction, a qemu-io writer refusing our active
+    open with LockError, is test_we_see_qemus_write_lock.)"""
+    qemu_img = require_tool("qemu-img")
+    path = make_image()
+    out = tmp_path / "copy.img"
+    node = blockemu.open_image(path)
+    convert = [qemu_img, "convert", "-f", "raw", "-O", "raw", str(path), str(out)]
+    r = subprocess.run(convert, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert 'Failed to get shared "write" lock' in r.stderr
+    assert "Is another process using the image" in r.stderr
+    r = subprocess.run([*convert[:2], "-U", *convert[2:]], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([qemu_img, "info", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # Inactive (handed over), we hold only shared bytes: qemu-img may read.
+    node.inactivate()
+    r = subprocess.run(convert, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    node.close()

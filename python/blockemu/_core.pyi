@@ -46,6 +46,8 @@ class _NodeStats(TypedDict):
     bytes_read: int
     bytes_written: int
     errors: int
+    cache_hits: int
+    cache_bytes_read: int
 
 class _TraceEntry(TypedDict):
     seq: int
@@ -99,7 +101,11 @@ class BlockNode:
     def flush_async(self) -> Job[None]: ...
     def inactivate(self) -> None: ...
     def activate(self) -> None: ...
-    def stats(self) -> _NodeStats: ...
+    def stats(self) -> _NodeStats:
+        """Operations that reached the storage; reads a cache answered (host cache,
+        copy-on-read) are counted in ``cache_hits``/``cache_bytes_read`` only."""
+    def cached_blocks(self) -> int | None:
+        """4 KiB blocks the caches under this node hold now (None: no cache)."""
     def enable_trace(self, capacity: int = 4096) -> None: ...
     def disable_trace(self) -> None: ...
     def trace(self) -> list[_TraceEntry]: ...
@@ -124,7 +130,20 @@ def open_image(
     force_share: bool = False,
     faults: FaultInjector | None = None,
     timeout: float | None = None,
-) -> BlockNode: ...
+    host_cache: bool = False,
+    cor_cache: str | PathLike[str] | None = None,
+    revalidate: bool = True,
+) -> BlockNode:
+    """Opens an image as a node.
+
+    ``host_cache=True`` models this open as one NFS client of a file on weakly coherent
+    shared storage: the node keeps its own copy of every 4 KiB page it read or wrote and serves
+    it again even after another node or process wrote the file, until activation revalidates
+    (close-to-open). ``cor_cache=PATH`` puts a copy-on-read cache file in front of the image
+    (tags in ``PATH.tags``): reads fill it, writes go through; activation starts a new epoch
+    and blocks cached before it are never served. ``revalidate=False`` keeps both caches
+    across activation: the pre-2010 hazard, for demonstrations only."""
+
 def memory_node(
     size: int, *, readonly: bool = False, faults: FaultInjector | None = None
 ) -> BlockNode: ...
@@ -243,7 +262,11 @@ class IdeDisk:
         model: str | None = None,
         write_cache: bool = True,
         discard: Literal["ignore", "unmap", "off", "on"] = "ignore",
-    ) -> IdeDisk: ...
+        geometry_policy: Literal["lazy", "eager"] = "lazy",
+    ) -> IdeDisk:
+        """``geometry_policy="eager"`` reads sector 0 now, even on an inactive node, and the
+        result stands (migrated state does not replace it): QEMU before 2010, kept only to
+        demonstrate the hazard. The default ``"lazy"`` reads nothing here."""
     @property
     def geometry(self) -> Geometry | None: ...
     @property
@@ -308,7 +331,9 @@ class VirtioBlk:
         secs: int = 0,
         features: int | None = None,
         max_in_flight: int = 0,
-    ) -> VirtioBlk: ...
+        geometry_policy: Literal["lazy", "eager"] = "lazy",
+    ) -> VirtioBlk:
+        """``geometry_policy="eager"``: see ``IdeDisk`` (demonstrations of the hazard only)."""
     @property
     def node(self) -> BlockNode: ...
     @property

@@ -16,6 +16,12 @@ pub trait Backend: Send + Sync {
     /// Reads `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 
+    /// Reads like `read_at`; `Ok(true)` when a cache in this backend answered every byte and
+    /// nothing reached the storage (the node then counts a cache hit, not a read).
+    fn read_at_cached(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        self.read_at(buf, offset).map(|_| false)
+    }
+
     /// Writes all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
 
@@ -62,6 +68,11 @@ pub trait Backend: Send + Sync {
     /// headers, tables); the node adds them to its own counters.
     fn metadata_stats(&self) -> super::node::NodeStats {
         super::node::NodeStats::default()
+    }
+
+    /// Blocks held by the caches in this backend (host cache, copy-on-read), if it has any.
+    fn cached_blocks(&self) -> Result<Option<u64>> {
+        Ok(None)
     }
 
     /// Bytes actually allocated on the storage, where known.

@@ -78,6 +78,43 @@ pub struct ImageOptions {
     pub force_share: bool,
     /// NBD: the bound of one operation (connect, a command); `None` is 30 s.
     pub timeout: Option<std::time::Duration>,
+    /// Caches stacked on the file (the shared-store model, copy-on-read).
+    pub caches: CacheLayers,
+}
+
+/// Caches stacked on an image's backend, bottom up: the host cache of the weakly coherent
+/// shared-store model, then a copy-on-read overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheLayers {
+    /// Model this open as one NFS client of a shared file ([`super::HostCache`]).
+    pub host_cache: bool,
+    /// A copy-on-read cache file ([`super::CorCache`]).
+    pub cor_cache: Option<PathBuf>,
+    /// Activation drops both caches (default); `false` is the pre-2010 hazard.
+    pub revalidate: bool,
+}
+
+impl Default for CacheLayers {
+    fn default() -> Self {
+        CacheLayers {
+            host_cache: false,
+            cor_cache: None,
+            revalidate: true,
+        }
+    }
+}
+
+impl CacheLayers {
+    /// Stacks the layers asked for on `backend`.
+    pub fn stack(&self, mut backend: Arc<dyn Backend>) -> Result<Arc<dyn Backend>> {
+        if self.host_cache {
+            backend = Arc::new(super::HostCache::new(backend, self.revalidate));
+        }
+        if let Some(cache) = &self.cor_cache {
+            backend = Arc::new(super::CorCache::open(backend, cache, self.revalidate)?);
+        }
+        Ok(backend)
+    }
 }
 
 impl Default for ImageOptions {
@@ -89,6 +126,7 @@ impl Default for ImageOptions {
             cache: CacheMode::Writeback,
             force_share: false,
             timeout: None,
+            caches: CacheLayers::default(),
         }
     }
 }
@@ -132,7 +170,9 @@ pub fn open_image(
         }
     };
     let mut size = Some(backend.len()?);
-    let mut backend: Arc<dyn Backend> = wrap(Arc::new(backend));
+    // The caches model what sits between a host and the file (an NFS client's page cache, a
+    // copy-on-read file): below the format layer.
+    let mut backend: Arc<dyn Backend> = opts.caches.stack(wrap(Arc::new(backend)))?;
     if format == Format::Qcow2 {
         let q = Arc::new(Qcow2Backend::new(backend, opts.readonly));
         // An active open reads and checks the header now; an inactive one reads nothing.

@@ -2,11 +2,14 @@
 //!
 //! Read in this order: `backend` (the storage interface), `file` and `memory` (backends), `fault`
 //! (fault injection stacked on any backend),
-//! `qcow2` (the qcow2 format over a backend), `nbd` (an NBD client backend),
-//! `lock` (QEMU-compatible image locks), `node` (lifecycle, stats, trace), `image` (opening
+//! `qcow2` (the qcow2 format over a backend), `nbd` (an NBD client backend), `shared_store`
+//! and `cor` (caches in front of a backend: the weakly coherent shared-store model and the
+//! copy-on-read overlay), `lock` (QEMU-compatible image locks), `node` (lifecycle, stats,
+//! trace), `image` (opening
 //! and creating images).
 
 pub mod backend;
+pub mod cor;
 pub mod fault;
 pub mod file;
 pub mod image;
@@ -15,19 +18,22 @@ pub mod memory;
 pub mod nbd;
 pub mod node;
 pub mod qcow2;
+pub mod shared_store;
 
 pub use backend::Backend;
+pub use cor::CorCache;
 pub use fault::{FaultInjector, FaultRules, OpKind};
 pub use file::FileBackend;
 pub use image::{
-    create_image, create_image_with, image_info, memory_node, open_image, Format, ImageInfo,
-    ImageOptions, ImageSpec,
+    create_image, create_image_with, image_info, memory_node, open_image, CacheLayers, Format,
+    ImageInfo, ImageOptions, ImageSpec,
 };
 pub use lock::{LockProbe, LockSet, Perm};
 pub use memory::MemoryBackend;
 pub use nbd::NbdBackend;
 pub use node::{BlockNode, CacheMode, NodeConfig, NodeStats, Op, Outcome, Phase, TraceEntry};
 pub use qcow2::Qcow2Backend;
+pub use shared_store::HostCache;
 
 /// A zero-filled buffer whose size comes from a caller or guest: allocation failure is an
 /// error (ENOMEM), never an abort of the process. The memory comes zeroed from the allocator

@@ -98,6 +98,12 @@ impl IdeDisk {
         &self.config
     }
 
+    /// The `eager` geometry policy: reads sector 0 now, even on an inactive node, as QEMU did
+    /// before 2010 (see [`crate::jobs::GeometryPolicy::Eager`]); demonstrations only.
+    pub fn read_geometry_now(&self) -> Result<()> {
+        self.geometry.read_now(&self.node)
+    }
+
     pub fn prefetch(&self) -> &GeometryPrefetch {
         &self.geometry
     }

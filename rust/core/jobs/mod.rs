@@ -16,7 +16,7 @@ pub use job::{Job, JobState};
 pub use once::OnceJob;
 pub use owner::{Owner, Ticket};
 pub use pool::WorkerPool;
-pub use prefetch::{guess_from_node, GeometryPrefetch};
+pub use prefetch::{guess_from_node, GeometryPolicy, GeometryPrefetch};
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 

@@ -80,6 +80,17 @@ impl<T: Clone + Send + Sync + 'static> OnceJob<T> {
         true
     }
 
+    /// Records the outcome of a computation done by the caller, as if `start` had run it:
+    /// later `set_known` calls are refused. False (nothing changes) if a value is there.
+    pub fn set_computed(&self, value: Result<T>) -> bool {
+        let mut once = lock(&self.once);
+        if !matches!(&*once, Once::Idle) {
+            return false;
+        }
+        *once = Once::Started(Job::ready(value));
+        true
+    }
+
     /// The value (or the computation's error) once there; never blocks.
     pub fn get(&self) -> Option<Result<T>> {
         self.job()?.poll()

@@ -18,12 +18,42 @@ use crate::{ErrorKind, Result, SECTOR_SIZE};
 pub struct GeometryPrefetch {
     config: GeometryConfig,
     once: OnceJob<Guess>,
+    eager: std::sync::atomic::AtomicBool,
+}
+
+/// When a device reads its geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GeometryPolicy {
+    /// In the background once the guest starts, unless migrated state brought it (QEMU since
+    /// 2010; the default).
+    #[default]
+    Lazy,
+    /// At device creation, even on an inactive node, and it then stands: migrated state does
+    /// not replace it (QEMU before 2010, whose stream carried no geometry). Kept only to
+    /// demonstrate the hazard.
+    Eager,
+}
+
+impl GeometryPolicy {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "lazy" => Ok(GeometryPolicy::Lazy),
+            "eager" => Ok(GeometryPolicy::Eager),
+            _ => Err(crate::Error::invalid(format!(
+                "geometry_policy must be 'lazy' or 'eager', got {s:?}"
+            ))),
+        }
+    }
 }
 
 /// Reads sector 0 and resolves the geometry, as QEMU's realize does: a failed read of sector
 /// 0 means "no MBR" (size default), except on an inactive node, which must read nothing and
 /// fails with `Inactive`.
 pub fn guess_from_node(node: &BlockNode, config: &GeometryConfig) -> Result<Guess> {
+    guess(node, config, false)
+}
+
+fn guess(node: &BlockNode, config: &GeometryConfig, early: bool) -> Result<Guess> {
     let size = node.size()?.ok_or_else(|| {
         crate::Error::inactive(format!(
             "the size of {:?} is unknown until it is activated",
@@ -35,7 +65,12 @@ pub fn guess_from_node(node: &BlockNode, config: &GeometryConfig) -> Result<Gues
         return geometry::resolve(config, None, total_sectors);
     }
     let mut sector = vec![0u8; SECTOR_SIZE.min(size) as usize];
-    let boot = match node.read(0, &mut sector) {
+    let read = if early {
+        node.read_early(0, &mut sector)
+    } else {
+        node.read(0, &mut sector)
+    };
+    let boot = match read {
         Ok(()) => Some(&sector[..]),
         Err(e) if matches!(e.kind(), ErrorKind::Inactive | ErrorKind::Closed) => return Err(e),
         Err(_) => None,
@@ -51,7 +86,29 @@ impl GeometryPrefetch {
         if !geometry::needs_boot_sector(&config) {
             once.set_known(geometry::resolve(&config, None, 0)?);
         }
-        Ok(GeometryPrefetch { config, once })
+        Ok(GeometryPrefetch {
+            config,
+            once,
+            eager: Default::default(),
+        })
+    }
+
+    /// The `eager` policy: reads sector 0 now, on the caller's thread, even on an inactive
+    /// node (see [`GeometryPolicy::Eager`]); the result then stands for the device's life.
+    /// A device whose geometry is known without a read (user values) reads nothing.
+    pub fn read_now(&self, node: &BlockNode) -> Result<()> {
+        if self.once.job().is_some() {
+            return Ok(());
+        }
+        self.eager.store(true, std::sync::atomic::Ordering::Release);
+        let g = guess(node, &self.config, true);
+        self.once.set_computed(g);
+        Ok(())
+    }
+
+    /// Whether the geometry was read eagerly (migrated state then does not replace it).
+    pub fn is_eager(&self) -> bool {
+        self.eager.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn config(&self) -> &GeometryConfig {

@@ -570,6 +570,10 @@ fn check_geometry(
     let Some(g) = want.geometry else {
         return Ok(None);
     };
+    if disk.prefetch().is_eager() {
+        // QEMU before 2010: the destination's own early guess stands (the hazard).
+        return Ok(None);
+    }
     if disk.prefetch().job().is_some() {
         return match disk.prefetch().get() {
             Some(Ok(have)) if have == g => Ok(None),
@@ -588,13 +592,15 @@ pub fn apply(img: &IdeImage, ch: &IdeChannel, install: &[Option<Geometry>; 2]) {
             install_geometry(&disk, g);
         }
     }
+    // An eager disk (QEMU before 2010) rebuilds IDENTIFY from its own early geometry.
+    let eager = [0, 1].map(|u| ch.disk(u).is_some_and(|d| d.prefetch().is_eager()));
     let img = img.clone();
     ch.restore_with(move |st| {
-        for (d, w) in st.drives.iter_mut().zip(img.drives) {
+        for ((d, w), eager) in st.drives.iter_mut().zip(img.drives).zip(eager) {
             d.tf = w.tf;
             d.req_nb_sectors = w.req_nb_sectors;
             d.mult_sectors = w.mult_sectors;
-            d.identify_set = w.identify_set;
+            d.identify_set = w.identify_set && !eager;
             d.identify = w.identify;
             d.write_cache = w.write_cache;
             d.chs_override = w.chs_override;

@@ -327,6 +327,10 @@ pub fn check_target(
     let Some(g) = img.geometry else {
         return Ok(None);
     };
+    if prefetch.is_eager() {
+        // QEMU before 2010: the destination's own early guess stands (the hazard).
+        return Ok(None);
+    }
     if prefetch.job().is_some() {
         return match prefetch.get() {
             Some(Ok(have)) if have == g => Ok(None),

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use blockemu_core::geometry::TranslationRequest;
 use blockemu_core::ide::{DiscardMode, IdeChannel, IdeDisk, IdeDiskConfig};
+use blockemu_core::jobs::GeometryPolicy;
 use blockemu_core::state::Device;
 use blockemu_core::Error;
 use pyo3::exceptions::PyValueError;
@@ -36,8 +37,8 @@ pub struct PyIdeDisk {
 impl PyIdeDisk {
     #[new]
     #[pyo3(
-        signature = (node, *, cyls = NonNeg(0), heads = NonNeg(0), secs = NonNeg(0), trans = "auto", serial = None, model = None, write_cache = true, discard = "ignore"),
-        text_signature = "(node, *, cyls=0, heads=0, secs=0, trans='auto', serial=None, model=None, write_cache=True, discard='ignore')"
+        signature = (node, *, cyls = NonNeg(0), heads = NonNeg(0), secs = NonNeg(0), trans = "auto", serial = None, model = None, write_cache = true, discard = "ignore", geometry_policy = "lazy"),
+        text_signature = "(node, *, cyls=0, heads=0, secs=0, trans='auto', serial=None, model=None, write_cache=True, discard='ignore', geometry_policy='lazy')"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -50,7 +51,9 @@ impl PyIdeDisk {
         model: Option<String>,
         write_cache: bool,
         discard: &str,
+        geometry_policy: &str,
     ) -> PyResult<Self> {
+        let policy = GeometryPolicy::parse(geometry_policy).py_err()?;
         let config = IdeDiskConfig {
             cyls: geometry_count("cyls", cyls)?,
             heads: geometry_count("heads", heads)?,
@@ -62,6 +65,9 @@ impl PyIdeDisk {
             discard: DiscardMode::parse(discard).py_err()?,
         };
         let inner = IdeDisk::new(node.get().inner.clone(), config).py_err()?;
+        if policy == GeometryPolicy::Eager {
+            node.py().detach(|| inner.read_geometry_now()).py_err()?;
+        }
         Ok(PyIdeDisk {
             inner: Arc::new(inner),
             node: node.unbind(),

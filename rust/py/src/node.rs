@@ -1,10 +1,11 @@
 //! `BlockNode`, `open_image`, `create_image`, `image_info`, `memory_node`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use blockemu_core::block::{
-    self, Backend, BlockNode, CacheMode, FaultInjector, Format, ImageOptions, ImageSpec, LockSet,
-    Outcome, Perm, TraceEntry,
+    self, Backend, BlockNode, CacheLayers, CacheMode, FaultInjector, Format, ImageOptions,
+    ImageSpec, LockSet, Outcome, Perm, TraceEntry,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -244,7 +245,14 @@ impl PyBlockNode {
         d.set_item("bytes_read", s.bytes_read)?;
         d.set_item("bytes_written", s.bytes_written)?;
         d.set_item("errors", s.errors)?;
+        d.set_item("cache_hits", s.cache_hits)?;
+        d.set_item("cache_bytes_read", s.cache_bytes_read)?;
         Ok(d)
+    }
+
+    /// Blocks held by the caches under this node (host cache, copy-on-read); None without.
+    fn cached_blocks(&self) -> PyResult<Option<u64>> {
+        self.inner.cached_blocks().py_err()
     }
 
     /// Keeps the last `capacity` operations in a trace (0 turns tracing off).
@@ -362,7 +370,7 @@ fn path_str(path: &Bound<'_, PyAny>) -> PyResult<String> {
 
 /// Opens an image as a node.
 #[pyfunction]
-#[pyo3(signature = (spec, *, format=None, readonly=false, active=true, cache="writeback", force_share=false, faults=None, timeout=None))]
+#[pyo3(signature = (spec, *, format=None, readonly=false, active=true, cache="writeback", force_share=false, faults=None, timeout=None, host_cache=false, cor_cache=None, revalidate=true))]
 #[allow(clippy::too_many_arguments)]
 pub fn open_image(
     py: Python<'_>,
@@ -374,9 +382,13 @@ pub fn open_image(
     force_share: bool,
     faults: Option<&Bound<'_, PyFaultInjector>>,
     timeout: Option<f64>,
+    host_cache: bool,
+    cor_cache: Option<&Bound<'_, PyAny>>,
+    revalidate: bool,
 ) -> PyResult<PyBlockNode> {
     let spec = path_str(spec)?;
     let timeout = nbd_timeout(timeout)?;
+    let cor_cache = cor_cache.map(path_str).transpose()?.map(PathBuf::from);
     let opts = ImageOptions {
         format: format.map(Format::parse).transpose().py_err()?,
         readonly,
@@ -384,6 +396,11 @@ pub fn open_image(
         cache: CacheMode::parse(cache).py_err()?,
         force_share,
         timeout,
+        caches: CacheLayers {
+            host_cache,
+            cor_cache,
+            revalidate,
+        },
     };
     let wrap = with_faults(faults);
     // Interruptible: an NBD open waits for a server.

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use blockemu_core::jobs::GeometryPolicy;
 use blockemu_core::state::Device;
 use blockemu_core::virtio::{VirtioBlk, VirtioBlkConfig};
 use blockemu_core::Error;
@@ -47,8 +48,8 @@ pub struct PyVirtioBlk {
 impl PyVirtioBlk {
     #[new]
     #[pyo3(
-        signature = (node, memory, *, queue_size = NonNeg(256), num_queues = NonNeg(1), serial = None, cyls = NonNeg(0), heads = NonNeg(0), secs = NonNeg(0), features = None, max_in_flight = NonNeg(0)),
-        text_signature = "(node, memory, *, queue_size=256, num_queues=1, serial=None, cyls=0, heads=0, secs=0, features=None, max_in_flight=0)"
+        signature = (node, memory, *, queue_size = NonNeg(256), num_queues = NonNeg(1), serial = None, cyls = NonNeg(0), heads = NonNeg(0), secs = NonNeg(0), features = None, max_in_flight = NonNeg(0), geometry_policy = "lazy"),
+        text_signature = "(node, memory, *, queue_size=256, num_queues=1, serial=None, cyls=0, heads=0, secs=0, features=None, max_in_flight=0, geometry_policy='lazy')"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -62,7 +63,9 @@ impl PyVirtioBlk {
         secs: NonNeg,
         features: Option<NonNeg>,
         max_in_flight: NonNeg,
+        geometry_policy: &str,
     ) -> PyResult<Self> {
+        let policy = GeometryPolicy::parse(geometry_policy).py_err()?;
         let queue_size = u32_arg("queue_size", queue_size, 32768)?;
         if queue_size == 0 {
             return Err(PyValueError::new_err("queue_size must be at least 1"));
@@ -88,6 +91,9 @@ impl PyVirtioBlk {
         };
         let inner = VirtioBlk::new(node.get().inner.clone(), memory.get().inner.clone(), config)
             .py_err()?;
+        if policy == GeometryPolicy::Eager {
+            node.py().detach(|| inner.read_geometry_now()).py_err()?;
+        }
         Ok(PyVirtioBlk {
             inner,
             node: node.unbind(),

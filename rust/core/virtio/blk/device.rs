@@ -527,6 +527,12 @@ impl VirtioBlk {
     }
 
     /// The geometry of the device (known, guessing, or not started).
+    /// The `eager` geometry policy: reads sector 0 now, even on an inactive node, as QEMU did
+    /// before 2010 (see [`crate::jobs::GeometryPolicy::Eager`]); demonstrations only.
+    pub fn read_geometry_now(&self) -> Result<()> {
+        self.prefetch().read_now(self.node())
+    }
+
     pub(crate) fn prefetch(&self) -> &GeometryPrefetch {
         &self.shared.prefetch
     }
