@@ -22,6 +22,20 @@ committed stays paused with inactive images ("in doubt") and raises :class:`Migr
 ``source_resumed=False``; when the record shows the destination committed, the source retires and
 :func:`migrate` returns the report with ``resolved_by="ownership record"``.
 
+Ownership records and NBD (spec §12.4 modes): by default each node's record is ``<image>.owner``
+beside its image file, and the source, once in doubt, takes the write lock back before it reads
+the record. An NBD node (``nbd://``, ``nbd+unix://``) has neither a file here nor a lock: the
+coordinator alone keeps a single writer. Give its record a path with ``records={node name: path}``
+(node names as :meth:`Machine.iter_nodes` yields them, e.g. ``"vblk0"``, ``"ide0.master"``; the
+same mapping on both sides, on storage both hosts see): that is fenced mode without the lock; an
+in-doubt source polls the record (up to ``Timeouts.in_doubt``) and retires when it shows the
+destination's commit, and otherwise stays in doubt; it never reclaims NBD images on its own,
+since no lock stops a slow destination from committing later (a definite DEST_ACTIVATION_FAILED
+or ABORT_ACK still lets it reclaim). Without a record for an NBD node the migration runs in
+simple mode (reported as ``"ownership": "simple"``): the handover is the same, but an in-doubt
+source never resolves automatically; an operator decides. ``records`` may name file-backed nodes
+too (the record then lives at that path instead of beside the image).
+
 Heartbeats (spec §12.5): from STATE_LOADED (the guest is stopped and its state is on the
 destination) until the end, each side sends PING every ``Timeouts.heartbeat_interval`` and answers
 PING with PONG. A side that hears no frame for ``Timeouts.peer_dead`` takes the peer-loss
@@ -42,7 +56,7 @@ from __future__ import annotations
 from blockemu.migration.common import KILL_ENV, Timeouts
 from blockemu.migration.destination import incoming
 from blockemu.migration.frames import Msg, ProtocolError
-from blockemu.migration.ownership import OwnerRecord, read_record
+from blockemu.migration.ownership import OwnerRecord, Records, read_record, read_record_at
 from blockemu.migration.source import migrate
 
 __all__ = [
@@ -50,8 +64,10 @@ __all__ = [
     "Msg",
     "OwnerRecord",
     "ProtocolError",
+    "Records",
     "Timeouts",
     "incoming",
     "migrate",
     "read_record",
+    "read_record_at",
 ]

@@ -40,7 +40,13 @@ from blockemu.migration.frames import (
     PeerTimeout,
     ProtocolError,
 )
-from blockemu.migration.ownership import OwnerRecord, read_record, write_record
+from blockemu.migration.ownership import (
+    OwnerRecord,
+    Records,
+    read_record_at,
+    resolve_records,
+    write_record_at,
+)
 
 __all__ = ["incoming"]
 
@@ -67,8 +73,12 @@ class _Destination:
         on_phase: Callable[[str], None] | None,
         ready: Callable[[str], None] | None,
         max_state: int | None,
+        records: Records | None,
     ) -> None:
         self.source = machine
+        self.records_arg = records
+        # node name → ownership record path (None: an NBD image without one); set at prepare
+        self.records: dict[str, str | None] = {}
         self.m: Machine | None = machine if isinstance(machine, Machine) else None
         self.uri = uri
         self.deadline = Deadline(timeout)
@@ -356,9 +366,11 @@ class _Destination:
         # ---------------------------------------------------------- commit point
         self.phases.enter("committing")
         new_epoch = self.epoch + 1
-        for _, node in m.iter_nodes():
-            write_record(
-                node.name,
+        for path in self.records.values():
+            if path is None:
+                continue  # simple mode for this image: no record
+            write_record_at(
+                path,
                 OwnerRecord(
                     vm=self.vm,
                     owner=INSTANCE_ID,
@@ -413,6 +425,10 @@ class _Destination:
         names = {str(img.get("name")) for img in images}
         if names != set(nodes):
             raise _Gone(f"image set differs: {sorted(names)} vs {sorted(nodes)}", "preparing")
+        node_images = {n: node.name for n, node in nodes.items()}
+        self.records = resolve_records(node_images, self.records_arg)
+        simple = any(p is None for p in self.records.values())
+        self.report["ownership"] = "simple" if simple else "fenced"
         for img in images:
             node = nodes[str(img["name"])]
             if node.active:
@@ -428,7 +444,8 @@ class _Destination:
                 raise _Gone(
                     f"{img['name']}: size {node.size} != source's {img['size']}", "preparing"
                 )
-            rec = read_record(node.name)
+            path = self.records[str(img["name"])]
+            rec = None if path is None else read_record_at(path)
             if rec is not None and rec.epoch > self.epoch:
                 raise _Gone(
                     f"{img['name']}: ownership record epoch {rec.epoch} is newer than the"
@@ -455,7 +472,8 @@ class _Destination:
                 return f"{type(e).__name__}: {e}"
         try:
             for name, node in m.iter_nodes():
-                rec = read_record(node.name)
+                path = self.records.get(name)
+                rec = None if path is None else read_record_at(path)
                 if rec is not None and rec.epoch != self.epoch:
                     return f"{name}: ownership record epoch {rec.epoch}, expected {self.epoch}"
                 if name not in sent:
@@ -478,8 +496,10 @@ def incoming(
     on_phase: Callable[[str], None] | None = None,
     ready: Callable[[str], None] | None = None,
     max_state: int | None = None,
+    records: Records | None = None,
 ) -> dict[str, Any]:
-    """Receives a migration on ``uri``. See :mod:`blockemu.migration`."""
+    """Receives a migration on ``uri``. ``records`` maps node names to ownership record paths
+    (the same as the source's). See :mod:`blockemu.migration`."""
     dst = _Destination(
         machine,
         uri,
@@ -489,5 +509,6 @@ def incoming(
         on_phase,
         ready,
         max_state,
+        records,
     )
     return dst.run()

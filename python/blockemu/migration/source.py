@@ -42,7 +42,14 @@ from blockemu.migration.frames import (
     PeerTimeout,
     ProtocolError,
 )
-from blockemu.migration.ownership import OwnerRecord, read_record, write_record
+from blockemu.migration.ownership import (
+    OwnerRecord,
+    Records,
+    is_lockless,
+    read_record_at,
+    resolve_records,
+    write_record_at,
+)
 
 __all__ = ["migrate"]
 
@@ -66,8 +73,16 @@ class _Source:
         cancel: threading.Event | None,
         on_phase: Callable[[str], None] | None,
         vm: str | None,
+        records: Records | None,
     ) -> None:
         self.m = machine
+        # node name → ownership record path (None: an NBD image without one, simple mode)
+        self.records = resolve_records(
+            {name: node.name for name, node in machine.iter_nodes()}, records
+        )
+        self.simple = any(p is None for p in self.records.values())
+        # an NBD node holds no lock: only the coordinator keeps a single writer
+        self.lockless = any(is_lockless(node.name) for _, node in machine.iter_nodes())
         self.uri = uri
         self.deadline = Deadline(timeout)
         self.t = timeouts
@@ -81,14 +96,19 @@ class _Source:
         self.epoch = 0
         self.sent_inactive: dict[str, Any] = {}
         self.stop_time = 0.0
-        self.report: dict[str, Any] = {"role": "source", "session": self.session.hex()}
+        self.report: dict[str, Any] = {
+            "role": "source",
+            "session": self.session.hex(),
+            "ownership": "simple" if self.simple else "fenced",
+        }
         self.traced: list[Any] = []
         self.dest_geometry: Any = None
 
     # ------------------------------------------------------------------ helpers
 
     def _paths(self) -> dict[str, str]:
-        return {name: node.name for name, node in self.m.iter_nodes()}
+        """Node name → its ownership record's path (the nodes that have one)."""
+        return {name: p for name, p in self.records.items() if p is not None}
 
     def _recv(self, timeout: float, expect: tuple[Msg, ...]) -> Frame:
         """The next frame of an expected type (or a refusal/abort); PING is answered, PING and
@@ -151,7 +171,7 @@ class _Source:
         epochs = []
         missing = []
         for name, path in self._paths().items():
-            rec = read_record(path)
+            rec = read_record_at(path)
             if rec is None:
                 missing.append(name)
             else:
@@ -162,10 +182,10 @@ class _Source:
             if all(nodes[n].active for n in missing):
                 self.epoch = max(self.epoch, 1)
                 for n in missing:
-                    self._write_record(nodes[n].name, self.epoch)
+                    self._write_record(self._paths()[n], self.epoch)
 
     def _write_record(self, path: str, epoch: int) -> None:
-        write_record(
+        write_record_at(
             path,
             OwnerRecord(
                 vm=self.vm,
@@ -178,15 +198,41 @@ class _Source:
 
     def _records_committed_elsewhere(self) -> bool:
         for path in self._paths().values():
-            rec = read_record(path)
+            rec = read_record_at(path)
             if rec is not None and rec.epoch > self.epoch:
                 return True
         return False
 
-    def _try_reclaim(self, lock_timeout: float) -> str:
+    def _try_reclaim(self, lock_timeout: float, *, definite: bool = True) -> str:
         """S_RECLAIMING/S_IN_DOUBT: "reclaimed", "retired" (the destination committed) or
-        "locked" (the write lock stayed unavailable)."""
+        "locked" (the write lock stayed unavailable, or nothing can fence the destination).
+
+        Without a definite "no commit", only the write lock fences a destination that may still
+        commit. NBD nodes hold none: the source then never reclaims on its own; with records it
+        polls them until ``lock_timeout`` and retires when they show the commit, and in simple
+        mode (an NBD image without a record) it stays in doubt at once."""
         end = time.monotonic() + lock_timeout
+        if not definite and self.simple:
+            self.report["in_doubt_reason"] = (
+                "simple mode (an NBD image without an ownership record): an operator decides"
+            )
+            return "locked"
+        if not definite and self.lockless:
+            delay = 0.02
+            while True:
+                try:
+                    if self._records_committed_elsewhere():
+                        return "retired"
+                    self.report["in_doubt_reason"] = (
+                        "NBD storage holds no lock to fence the destination, and the ownership"
+                        " record shows no commit"
+                    )
+                except (ValueError, OSError) as e:
+                    self.report["in_doubt_reason"] = f"unreadable ownership record: {e}"
+                if time.monotonic() + delay >= end:
+                    return "locked"
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
         delay = 0.02
         while True:
             try:
@@ -274,7 +320,7 @@ class _Source:
                 self.report["resolved_by"] = "ownership record"
                 return self._finish("completed")
         limit = self.t.lock if definite else max(self.t.lock, self.t.in_doubt)
-        outcome = self._try_reclaim(max(0.5, self.deadline.cap(limit)))
+        outcome = self._try_reclaim(max(0.5, self.deadline.cap(limit)), definite=definite)
         if outcome == "retired":
             self.m.set_state("postmigrate")
             self.report["resolved_by"] = "ownership record"
@@ -287,9 +333,14 @@ class _Source:
                 source_resumed=resumed,
             )
         self.m.set_state("paused")
+        if self.simple:
+            unknown = "simple mode: the outcome is unknown (no ownership record to tell)"
+        elif self.lockless:
+            unknown = "the outcome is unknown (NBD: no lock; the ownership record shows no commit)"
+        else:
+            unknown = "the outcome is unknown and the write lock is held elsewhere"
         raise MigrationError(
-            f"{why}; the outcome is unknown and the write lock is held elsewhere: the source stays"
-            " paused with inactive images (in doubt)",
+            f"{why}; {unknown}: the source stays paused with inactive images (in doubt)",
             phase="in_doubt",
             source_resumed=False,
         )
@@ -522,9 +573,11 @@ def migrate(
     cancel: threading.Event | None = None,
     on_phase: Callable[[str], None] | None = None,
     vm: str | None = None,
+    records: Records | None = None,
 ) -> dict[str, Any]:
     """Migrates ``machine`` to the destination listening on ``uri`` (``tcp:HOST:PORT`` or
-    ``unix:PATH``). See :mod:`blockemu.migration`."""
+    ``unix:PATH``). ``records`` maps node names to ownership record paths (needed for NBD
+    images; give the destination the same). See :mod:`blockemu.migration`."""
     if verify not in ("witness", "full"):
         raise ValueError("verify is 'witness' or 'full'")
     src = _Source(
@@ -536,5 +589,6 @@ def migrate(
         cancel,
         on_phase,
         vm,
+        records,
     )
     return src.run()
