@@ -25,6 +25,12 @@ the shared image), ``cor_cache`` (a directory: each node gets a copy-on-read cac
 image before it builds its machine: a repartition); the output then has ``ide_geometry`` (the
 IDE disk's geometry in the end), ``ide_sector0`` (sector 0 as the guest reads it after the
 migration) and ``cached_blocks`` per node.
+Shared storage other than raw files: ``ide``/``virtio`` may be NBD URIs (``nbd+unix:///…``),
+``format`` ("raw" or "qcow2", for every disk), ``records`` ({node name: ownership record path},
+passed as ``records=``). ``peek`` ({phase: [file, …]}, or the phase "end": the source after
+its migration returned, the destination after its guest stopped) records the first 512 bytes of
+each file (hex) in ``peeks``; ``close_peek`` (files; the source) closes the machine's nodes after
+the migration and records the same bytes before and after the close in ``close_peeks``.
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ def _open(cfg: dict[str, Any], key: str, *, source: bool, fi: FaultInjector) -> 
     cor = cfg.get("cor_cache")
     return blockemu.open_image(
         cfg[key],
-        format="raw",
+        format=cfg.get("format", "raw"),
         active=source,
         faults=fi,
         host_cache=bool(cfg.get("host_cache", False)),
@@ -134,6 +140,14 @@ def _hazard_view(m: Machine, out: dict[str, Any]) -> None:
         out["ide_sector0"] = ata.read(0, 1).hex()
 
 
+def _peek(paths: list[str]) -> dict[str, str]:
+    out = {}
+    for p in paths:
+        with open(p, "rb") as f:
+            out[p] = f.read(512).hex()
+    return out
+
+
 def main() -> int:
     cfg = json.loads(Path(sys.argv[1]).read_text())
     fake = migration_fakestate.install_if_missing()
@@ -143,7 +157,13 @@ def main() -> int:
     cancel = threading.Event()
     holder: dict[str, Any] = {}
 
+    records = cfg.get("records")
+    peek = cfg.get("peek", {})
+    out["peeks"] = {}
+
     def on_phase(name: str) -> None:
+        if name in peek:
+            out["peeks"][name] = _peek(peek[name])
         out["phases_seen"].append(name)
         out["phase_times"].append([name, time.monotonic()])
         fault = cfg.get("fault")
@@ -201,6 +221,7 @@ def main() -> int:
                     cancel=cancel if cfg.get("cancel_at") else None,
                     on_phase=on_phase,
                     verify=cfg.get("verify", "witness"),
+                    records=records,
                 )
                 out["ok"] = True
             except MigrationError as e:
@@ -214,6 +235,16 @@ def main() -> int:
             out["migrate_end"] = time.monotonic()
             out["running_after"] = m.running
             out["state_after"] = m.state
+            if "end" in peek:
+                out["peeks"]["end"] = _peek(peek["end"])
+            if cfg.get("close_peek") and not m.running:
+                # the retired source closes its (inactive) nodes: that must write nothing
+                time.sleep(float(cfg.get("before_close", 0)))
+                before = _peek(cfg["close_peek"])
+                out["nodes"] = _node_info(m)
+                for _, node in m.iter_nodes():
+                    node.close()
+                out["close_peeks"] = {"before": before, "after": _peek(cfg["close_peek"])}
             if cfg.get("release_after"):
                 for fi in holder["faults"].values():
                     fi.release()
@@ -246,6 +277,7 @@ def main() -> int:
                     on_phase=on_phase,
                     ready=ready,
                     autostart=bool(cfg.get("autostart", True)),
+                    records=records,
                 )
                 out["ok"] = True
             except MigrationError as e:
@@ -295,11 +327,13 @@ def main() -> int:
                         out["guest_error"] = repr(wl.error)
                     out["check"] = wl.check()
                     m.stop()
+                    if "end" in peek:
+                        out["peeks"]["end"] = _peek(peek["end"])
         if wl is not None:
             if wl.error is not None:
                 out["guest_error"] = repr(wl.error)
             out["guest_steps"] = wl.seq
-        if m is not None:
+        if m is not None and "close_peeks" not in out:
             out["nodes"] = _node_info(m)
     except BaseException as e:
         out["ok"] = False
