@@ -9,9 +9,10 @@ activity/stats/locks, and the read-back check of the acknowledged writes.
 Config keys: ``role`` ("source"/"destination"), ``uri``, ``ide``/``virtio`` (image paths or null),
 ``ide2`` (an image on a second IDE channel, ``ide1``, that no guest driver uses), ``ide_geometry``
 ([c, h, s] user geometry of the IDE disk), ``ram``, ``timeout``, ``timeouts`` (overrides),
-``workload`` (null or {"inflight", "run_for", "ack_log"}), ``fault`` ({"device", "op", "n",
-"count", "arm_at"}: a FaultInjector rule, or op "stall", or op "stall_read" (device "ide2": stall,
-then a READ SECTORS on ``ide1``), armed when the coordinator enters phase ``arm_at``),
+``workload`` (null or {"inflight", "run_for", "ack_log", "base", "span"}), ``fault``
+({"device", "op", "n", "count", "arm_at"}: a FaultInjector rule, or op "stall", or op
+"stall_read" (device "ide2": stall, then a READ SECTORS on ``ide1``), armed when the coordinator
+enters phase ``arm_at``),
 ``release_after`` (release stalls after the migration), ``cancel_at`` (a phase), ``delay_at``
 ({phase: seconds}: sleep on entering it), ``exec_at`` ({phase: argv}: run a command on entering
 it), ``autostart``, ``after`` (seconds the guest runs after the migration), ``hold`` (seconds to
@@ -123,6 +124,8 @@ def build(cfg: dict[str, Any], *, source: bool) -> tuple[Machine, GuestWorkload 
             virtio=vdrv,
             inflight=bool(w.get("inflight", False)),
             ack_log=w.get("ack_log"),
+            base=int(w.get("base", 64)),
+            span=int(w.get("span", 128)),
         )
     _VIEW["ata"] = ata
     return m, wl, faults
