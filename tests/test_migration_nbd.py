@@ -20,6 +20,7 @@ import pytest
 from blockemu import _core
 from blockemu.migration import read_record_at
 from blockemu.migration.frames import Msg
+from blockemu.migration.ownership import is_lockless, resolve_records
 from migration_harness import (
     FAST,
     Proxy,
@@ -172,3 +173,15 @@ def test_nbd_destination_killed_after_commit(nbd_pair: Any, fenced: bool) -> Non
         assert err["phase"] == "in_doubt" and err["source_resumed"] is False, err
         assert "simple mode" in err["message"]
         assert s["state_after"] == "paused"
+
+
+def test_resolve_records() -> None:
+    nbd = "nbd+unix:///exp?socket=/tmp/x.sock"
+    images = {"vblk0": "/img/a.raw", "ide0.master": nbd}
+    # a file keeps its sidecar; an NBD node without a record is simple mode (None)
+    assert resolve_records(images, None) == {"vblk0": "/img/a.raw.owner", "ide0.master": None}
+    got = resolve_records(images, {"ide0.master": Path("/shared/ide.owner")})
+    assert got == {"vblk0": "/img/a.raw.owner", "ide0.master": "/shared/ide.owner"}
+    assert is_lockless(nbd) and is_lockless("nbd://h:10809/e") and not is_lockless("/img/a")
+    with pytest.raises(ValueError, match="unknown nodes"):
+        resolve_records(images, {"vblk9": "/x.owner"})
