@@ -32,6 +32,7 @@ passed as ``records=``). ``peek`` ({phase: [file, …]}, or the phase "end": the
 its migration returned, the destination after its guest stopped) records the first 512 bytes of
 each file (hex) in ``peeks``; ``close_peek`` (files; the source) closes the machine's nodes after
 the migration and records the same bytes before and after the close in ``close_peeks``.
+``stats_at`` ([phase, …]) records every node's full stats on entering those phases.
 """
 
 from __future__ import annotations
@@ -164,9 +165,14 @@ def main() -> int:
     peek = cfg.get("peek", {})
     out["peeks"] = {}
 
+    stats_at = cfg.get("stats_at", [])
+    out["stats_at"] = {}
+
     def on_phase(name: str) -> None:
         if name in peek:
             out["peeks"][name] = _peek(peek[name])
+        if name in stats_at and "m" in holder:
+            out["stats_at"][name] = {n: nd.stats() for n, nd in holder["m"].iter_nodes()}
         out["phases_seen"].append(name)
         out["phase_times"].append([name, time.monotonic()])
         fault = cfg.get("fault")

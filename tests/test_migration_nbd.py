@@ -79,7 +79,13 @@ def nbd_pair() -> Iterator[Any]:
         dst_uri = uri_pair(tmp, "unix")
         ready = tmp / "ready"
         d = start_peer(
-            {**base, "role": "destination", "uri": dst_uri, "ready_file": str(ready)},
+            {
+                **base,
+                "role": "destination",
+                "uri": dst_uri,
+                "ready_file": str(ready),
+                "stats_at": ["activating"],
+            },
             tmp,
             env_dst,
         )
@@ -120,6 +126,12 @@ def test_nbd_happy_path(nbd_pair: Any, fenced: bool) -> None:
     assert set(rep["reads_before_activation"].values()) == {0}
     assert set(rep["writes_before_activation"].values()) == {0}
     assert set(rep["reads_before_activation"]) == set(NODES.values())
+    # every counter (reads, writes, flushes, discards, write-zeroes, errors), just before
+    # activate(): not one NBD command
+    before = d["stats_at"]["activating"]
+    assert set(before) == set(NODES.values())
+    for name, st in before.items():
+        assert not any(st.values()), (name, st)
     # the source retired: paused for good, inactive nodes; no NBD node holds a lock
     assert s["running_after"] is False and s["state_after"] == "postmigrate"
     for name, info in s["nodes"].items():
