@@ -150,3 +150,22 @@ def test_qemu_img_readers_refused_while_we_hold_the_write_lock(make_image, tmp_p
     r = subprocess.run(convert, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     node.close()
+
+
+def test_qemu_img_info_refused_on_a_qcow2_image_we_hold(tmp_path: Path) -> None:
+    """Issue 7 scenario 5 on a qcow2 image: ``qemu-img info`` (without ``-U``) reads the qcow2
+    header, so it needs the image consistent and is refused while our active node holds the
+    write lock; ``-U`` reads anyway; after our node hands over (inactive), info works."""
+    qemu_img = require_tool("qemu-img")
+    path = tmp_path / "held.qcow2"
+    blockemu.create_image(path, 1 << 20, format="qcow2")
+    node = blockemu.open_image(path)
+    r = subprocess.run([qemu_img, "info", str(path)], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert 'Failed to get shared "write" lock' in r.stderr
+    r = subprocess.run([qemu_img, "info", "-U", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    node.inactivate()
+    r = subprocess.run([qemu_img, "info", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    node.close()
