@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import blockemu
+from qtest import QTestError, QtestMemory
 
 from peers import require_tool
 
@@ -42,10 +43,6 @@ BATCH_BYTES = 1000  # stays below qtest's 1 KiB read chunk: a batch is atomic w.
 
 DATA_OUT_OPCODES = frozenset({0x30, 0x31, 0x34, 0x39, 0x3C, 0xC5})
 DMA_OPCODES = frozenset({0x06, 0x25, 0x35, 0xC8, 0xC9, 0xCA, 0xCB})
-
-
-class QTestError(RuntimeError):
-    pass
 
 
 def copy_image(src: Path, dst: Path) -> Path:
@@ -62,34 +59,6 @@ def make_image(path: Path, size: int) -> Path:
     qemu_img = require_tool("qemu-img")
     subprocess.run([qemu_img, "create", "-q", "-f", "raw", str(path), str(size)], check=True)
     return path
-
-
-class QemuMemory:
-    """Guest RAM through qtest ``read``/``write``."""
-
-    def __init__(self, qt: QemuIde, size: int = QEMU_MEMORY) -> None:
-        self._qt = qt
-        self._size = size
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def read(self, addr: int, n: int) -> bytes:
-        if n == 0:
-            return b""
-        out = bytearray()
-        for pos in range(0, n, 1 << 16):
-            k = min(1 << 16, n - pos)
-            reply = self._qt.cmd(f"read {addr + pos:#x} {k:#x}")
-            out += bytes.fromhex(reply[2:])
-        return bytes(out)
-
-    def write(self, addr: int, data: bytes) -> None:
-        data = bytes(data)
-        for pos in range(0, len(data), 1 << 16):
-            chunk = data[pos : pos + (1 << 16)]
-            self._qt.cmd(f"write {addr + pos:#x} {len(chunk):#x} 0x{chunk.hex()}")
 
 
 class QemuIde:
@@ -129,7 +98,7 @@ class QemuIde:
         self._irq = False
         self.irq_events: list[bool] = []
         self.last_command: int | None = None
-        self.memory = QemuMemory(self)
+        self.memory = QtestMemory(self.cmd, QEMU_MEMORY)
         self.closed = False
         self.cmd("irq_intercept_in ioapic")
         # PIIX3 IDE (00:01.1): BAR4 = bus-master block, command register = I/O + bus master.

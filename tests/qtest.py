@@ -6,8 +6,9 @@ QEMU runs with ``-qtest stdio``; each command line (``outb 0x70 0x1b``, ``inb 0x
 
 from __future__ import annotations
 
+import base64
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
 from peers import require_tool
@@ -15,6 +16,56 @@ from peers import require_tool
 
 class QTestError(RuntimeError):
     pass
+
+
+class QtestMemory:
+    """Guest RAM (``size`` bytes from address 0) of a QEMU driven through qtest.
+
+    ``cmd`` sends one command and returns its reply after ``OK``. Writes go through ``send``
+    (default ``cmd``; a target may pass a sender that queues them). With ``b64`` the bulk
+    commands are ``b64read``/``b64write`` (1 MiB each; writes of up to 8 bytes stay ``write``),
+    else the hex ``read``/``write`` (64 KiB each).
+    """
+
+    def __init__(
+        self,
+        cmd: Callable[[str], str],
+        size: int,
+        *,
+        b64: bool = False,
+        send: Callable[[str], object] | None = None,
+    ) -> None:
+        self._cmd = cmd
+        self._send = cmd if send is None else send
+        self._size = size
+        self._b64 = b64
+        self._chunk = 1 << 20 if b64 else 1 << 16
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, addr: int, n: int) -> bytes:
+        if n == 0:
+            return b""
+        out = bytearray()
+        for pos in range(0, n, self._chunk):
+            k = min(self._chunk, n - pos)
+            if self._b64:
+                out += base64.b64decode(self._cmd(f"b64read {addr + pos:#x} {k:#x}"))
+            else:
+                out += bytes.fromhex(self._cmd(f"read {addr + pos:#x} {k:#x}")[2:])
+        return bytes(out)
+
+    def write(self, addr: int, data: bytes) -> None:
+        data = bytes(data)
+        for pos in range(0, len(data), self._chunk):
+            chunk = data[pos : pos + self._chunk]
+            if self._b64 and len(chunk) > 8:
+                b64 = base64.b64encode(chunk).decode()
+                self._send(f"b64write {addr + pos:#x} {len(chunk):#x} {b64}")
+            else:
+                self._send(f"write {addr + pos:#x} {len(chunk):#x} 0x{chunk.hex()}")
 
 
 class QTest:

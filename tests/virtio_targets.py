@@ -18,7 +18,6 @@ QEMU notes (QEMU 7.2):
 
 from __future__ import annotations
 
-import base64
 import os
 import select
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import blockemu
+from qtest import QTestError, QtestMemory
 
 from peers import require_tool
 
@@ -38,43 +38,8 @@ SERIAL = "EMU-VIRTIO-0001"
 QUEUE_SIZE = 1024  # QEMU's QueueSizeMax
 
 
-class QTestError(RuntimeError):
-    pass
-
-
 def blockemu_has_virtio() -> bool:
     return hasattr(blockemu, "VirtioBlk")
-
-
-class QemuMemory:
-    """Guest RAM through qtest ``b64read``/``b64write`` (writes are queued, see module doc)."""
-
-    def __init__(self, qt: QemuVirtio, size: int = QEMU_RAM) -> None:
-        self._qt = qt
-        self._size = size
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def read(self, addr: int, n: int) -> bytes:
-        if n == 0:
-            return b""
-        out = bytearray()
-        for pos in range(0, n, 1 << 20):
-            k = min(1 << 20, n - pos)
-            out += base64.b64decode(self._qt.cmd(f"b64read {addr + pos:#x} {k:#x}"))
-        return bytes(out)
-
-    def write(self, addr: int, data: bytes) -> None:
-        data = bytes(data)
-        for pos in range(0, len(data), 1 << 20):
-            chunk = data[pos : pos + (1 << 20)]
-            if len(chunk) <= 8:
-                self._qt.post(f"write {addr + pos:#x} {len(chunk):#x} 0x{chunk.hex()}")
-            else:
-                b64 = base64.b64encode(chunk).decode()
-                self._qt.post(f"b64write {addr + pos:#x} {len(chunk):#x} {b64}")
 
 
 class QemuVirtio:
@@ -128,7 +93,7 @@ class QemuVirtio:
         self._fd = self.proc.stdout.fileno()
         self._buf = b""
         self._pending: list[str] = []
-        self.memory = QemuMemory(self)
+        self.memory = QtestMemory(self.cmd, QEMU_RAM, b64=True, send=self.post)
         self.closed = False
 
     # ------------------------------------------------------------------ qtest plumbing
