@@ -2,25 +2,13 @@
 //! (with the framing CRCs repaired, so they reach the field decoders). The interpreter is
 //! `blockemu_core::state::fuzz`. `BLOCKEMU_WRITE_STATE_CORPUS=1` rewrites the seeds.
 
+mod fuzz_common;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Once;
 
 use blockemu_core::ide::IdeChannel;
 use blockemu_core::state::{self, fuzz};
-
-static PANICS: AtomicUsize = AtomicUsize::new(0);
-static HOOK: Once = Once::new();
-
-fn count_panics() {
-    HOOK.call_once(|| {
-        let default_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            PANICS.fetch_add(1, Ordering::SeqCst);
-            default_hook(info);
-        }));
-    });
-}
+use fuzz_common::{count_panics, panics, replay_corpus, Rng};
 
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/state")
@@ -108,37 +96,7 @@ fn seeds_load_and_the_corpus_replays_without_a_panic() {
             std::fs::write(corpus_dir().join(name), file).unwrap();
         }
     }
-    let mut inputs: Vec<_> = std::fs::read_dir(corpus_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    inputs.sort();
-    assert!(
-        inputs.len() >= 3,
-        "corpus missing at {}",
-        corpus_dir().display()
-    );
-    for path in inputs {
-        fuzz::replay(&std::fs::read(&path).unwrap());
-        assert_eq!(
-            PANICS.load(Ordering::SeqCst),
-            0,
-            "{} panicked",
-            path.display()
-        );
-    }
-}
-
-/// xorshift64*: a fixed-seed generator, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
+    replay_corpus(&corpus_dir(), 3, fuzz::replay);
 }
 
 #[test]
@@ -161,6 +119,6 @@ fn seeded_mutations_with_repaired_crcs_never_panic() {
             }
         }
         fuzz::replay(&data);
-        assert_eq!(PANICS.load(Ordering::SeqCst), 0, "round {round} panicked");
+        assert_eq!(panics(), 0, "round {round} panicked");
     }
 }

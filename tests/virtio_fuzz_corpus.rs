@@ -4,55 +4,16 @@
 //! panics, every notify drains, guest memory changes only in device-writable buffers, and
 //! the device works again after a reset. A panic hook counts panics on worker threads too.
 
+mod fuzz_common;
+
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Once;
 
-static PANICS: AtomicUsize = AtomicUsize::new(0);
-static HOOK: Once = Once::new();
-
-fn count_panics() {
-    HOOK.call_once(|| {
-        let default_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            PANICS.fetch_add(1, Ordering::SeqCst);
-            default_hook(info);
-        }));
-    });
-}
+use fuzz_common::{count_panics, panics, replay_corpus, Rng};
 
 #[test]
 fn every_corpus_input_replays_without_a_panic() {
-    count_panics();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/virtqueue");
-    let mut inputs: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    inputs.sort();
-    assert!(inputs.len() >= 6, "corpus missing at {}", dir.display());
-    for path in inputs {
-        let data = std::fs::read(&path).unwrap();
-        blockemu_core::virtio::replay::replay(&data);
-        assert_eq!(
-            PANICS.load(Ordering::SeqCst),
-            0,
-            "{} panicked",
-            path.display()
-        );
-    }
-}
-
-/// xorshift64*: a fixed-seed generator, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
+    replay_corpus(&dir, 6, blockemu_core::virtio::replay::replay);
 }
 
 #[test]
@@ -80,6 +41,6 @@ fn scenario37_seeded_random_programs() {
             }
         }
         blockemu_core::virtio::replay::replay(&data);
-        assert_eq!(PANICS.load(Ordering::SeqCst), 0, "iteration {i} panicked");
+        assert_eq!(panics(), 0, "iteration {i} panicked");
     }
 }
