@@ -144,6 +144,16 @@ def _hazard_view(m: Machine, out: dict[str, Any]) -> None:
         out["ide_sector0"] = ata.read(0, 1).hex()
 
 
+def _error_info(e: MigrationError) -> dict[str, Any]:
+    return {
+        "message": str(e),
+        "phase": e.phase,
+        "source_resumed": e.source_resumed,
+        "cause": repr(e.__cause__),
+        "cause_type": type(e.__cause__).__name__,
+    }
+
+
 def _peek(paths: list[str]) -> dict[str, str]:
     out = {}
     for p in paths:
@@ -235,12 +245,7 @@ def main() -> int:
                 out["ok"] = True
             except MigrationError as e:
                 out["ok"] = False
-                out["error"] = {
-                    "message": str(e),
-                    "phase": e.phase,
-                    "source_resumed": e.source_resumed,
-                    "cause": repr(e.__cause__),
-                }
+                out["error"] = _error_info(e)
             out["migrate_end"] = time.monotonic()
             out["running_after"] = m.running
             out["state_after"] = m.state
@@ -291,13 +296,7 @@ def main() -> int:
                 out["ok"] = True
             except MigrationError as e:
                 out["ok"] = False
-                out["error"] = {
-                    "message": str(e),
-                    "phase": e.phase,
-                    "source_resumed": e.source_resumed,
-                    "cause": repr(e.__cause__),
-                    "cause_type": type(e.__cause__).__name__,
-                }
+                out["error"] = _error_info(e)
             out["migrate_end"] = time.monotonic()
             nxt = cfg.get("then_migrate")
             if out["ok"] and nxt:
@@ -315,12 +314,7 @@ def main() -> int:
                     out["ok2"] = True
                 except MigrationError as e:
                     out["ok2"] = False
-                    out["error2"] = {
-                        "message": str(e),
-                        "phase": e.phase,
-                        "source_resumed": e.source_resumed,
-                        "cause": repr(e.__cause__),
-                    }
+                    out["error2"] = _error_info(e)
             m = holder.get("m")
             wl = holder.get("wl")
             if m is not None:
