@@ -1,9 +1,9 @@
 //! An NBD client backend: an image served by an NBD server (qemu-nbd, qemu-storage-daemon,
 //! nbdkit, ...) over TCP or a Unix socket.
 //!
-//! - One connection, one request in flight: a mutex serializes the worker threads. A round
-//!   trip is a few tens of microseconds on a local socket, and serializing keeps the stream
-//!   state trivially correct (no reply reordering to match).
+//! - One connection, many requests in flight (pipelining): worker threads send whole requests
+//!   under a send lock, each with its own cookie, and replies (which the server may send in
+//!   any order) are matched by cookie, leader/follower style (see [`Conn`]).
 //! - Every operation has a deadline (`timeout`, 30 s by default): the socket waits in slices of
 //!   [`interrupt::POLL`], so a stalled or vanished server becomes an error (`Timeout` or an
 //!   I/O error) and a Python caller's Ctrl-C gets through. After any failure that leaves the
@@ -20,10 +20,11 @@
 pub mod proto;
 pub mod uri;
 
+use std::collections::HashMap;
 use std::io::{ErrorKind as IoKind, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use self::proto::{ExportInfo, Io};
@@ -60,6 +61,12 @@ impl Stream {
             Stream::Unix(s) => s.write_vectored(bufs),
         }
     }
+    fn try_clone(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
     fn shutdown(&self) {
         let _ = match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
@@ -68,18 +75,18 @@ impl Stream {
     }
 }
 
-/// A connection with the deadline of the operation under way.
-struct Conn {
+/// One direction of a connection (or the whole socket during the handshake) with the
+/// deadline of the operation under way.
+struct Link {
     stream: Stream,
     deadline: Instant,
-    cookie: u64,
 }
 
 fn timed_out() -> Error {
     Error::timeout("the NBD server did not answer in time")
 }
 
-impl Conn {
+impl Link {
     fn wait_slice(&self) -> Result<()> {
         interrupt::check()?;
         if Instant::now() >= self.deadline {
@@ -93,7 +100,7 @@ fn io_err(e: std::io::Error) -> Error {
     Error::io(e).with_op("nbd")
 }
 
-impl Io for Conn {
+impl Io for Link {
     fn recv(&mut self, buf: &mut [u8]) -> Result<()> {
         let mut got = 0;
         while got < buf.len() {
@@ -292,13 +299,266 @@ fn connect_stream(addr: &NbdAddr, timeout: Duration) -> Result<Stream> {
 fn connect(uri: &NbdUri, timeout: Duration) -> Result<(Conn, ExportInfo)> {
     let deadline = Instant::now() + timeout;
     let stream = connect_stream(&uri.addr, timeout)?;
-    let mut conn = Conn {
-        stream,
-        deadline,
-        cookie: 0,
+    let mut link = Link { stream, deadline };
+    let info = proto::handshake(&mut link, &uri.export)?;
+    let rx = link.stream.try_clone().map_err(io_err)?;
+    let ctl = link.stream.try_clone().map_err(io_err)?;
+    let conn = Conn {
+        ctl,
+        tx: Mutex::new(link),
+        rx: Mutex::new(Link {
+            stream: rx,
+            deadline,
+        }),
+        st: Mutex::new(ConnState {
+            cookie: 0,
+            pending: HashMap::new(),
+            reader: Reader::Free,
+            failed: None,
+        }),
+        cv: Condvar::new(),
     };
-    let info = proto::handshake(&mut conn, &uri.export)?;
     Ok((conn, info))
+}
+
+/// Who reads the stream's next reply (leader/follower, see [`Conn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    /// Nobody: the first waiter that sees this becomes the reader.
+    Free,
+    /// A thread is reading a reply header (or its own payload).
+    Busy,
+    /// A header for `cookie` was read (with the server's `errno`); its owner takes over the
+    /// read side to read its payload into its own buffer, then frees the read side.
+    Handed { cookie: u64, errno: u32 },
+}
+
+/// A request sent and not answered yet.
+struct Slot {
+    /// Set when a reply came and was handled (by its owner only; others only hand over).
+    done: bool,
+}
+
+struct ConnState {
+    cookie: u64,
+    pending: HashMap<u64, Slot>,
+    reader: Reader,
+    /// Set once the stream is unusable: every waiter fails with it; the backend reconnects.
+    failed: Option<Error>,
+}
+
+/// One connection with many requests in flight (pipelining).
+///
+/// - Sending: a thread takes `tx` (the send lock) and writes its whole request (header and
+///   write payload) with a fresh cookie, registered in `pending` before the first byte goes.
+/// - Receiving, leader/follower: a waiting requester that finds the read side free becomes
+///   the reader and reads the next reply header. If the cookie is its own it reads its
+///   payload (a read's data land directly in its buffer); otherwise it hands the read side to
+///   the owner of that cookie ([`Reader::Handed`]), which reads its own payload into its own
+///   buffer and frees the read side. No thread ever touches another's buffer, and a reply's
+///   payload length is the owner's own request length (bounded memory). A cookie nobody
+///   waits for, a bad magic or a structured reply is a protocol error (EPROTO).
+/// - Every wait is in slices of [`interrupt::POLL`] up to the requester's own deadline: a
+///   timeout, a Ctrl-C, a protocol error, EOF or any I/O error marks the connection failed
+///   (`failed`), shuts the socket down (a reader blocked in `read` wakes up with EOF) and
+///   fails every waiting request; the backend's next operation reconnects.
+/// - FLUSH is just another request: the server answers it once the writes it has *completed*
+///   are durable. The node only flushes after the writes it covers were acknowledged, so
+///   sending it right away is correct; a caller that wants a write covered must wait for that
+///   write's ack before flushing (requests in flight may be executed in any order).
+struct Conn {
+    /// The socket, only to shut it down.
+    ctl: Stream,
+    tx: Mutex<Link>,
+    rx: Mutex<Link>,
+    st: Mutex<ConnState>,
+    cv: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a waiter other than the one that hit `e` gets.
+fn shared_failure(e: &Error) -> Error {
+    match e.kind() {
+        ErrorKind::Timeout => Error::timeout(e.message().to_string()),
+        ErrorKind::Interrupted => Error::os(
+            libc::EIO,
+            "the NBD connection was dropped (another request was interrupted)",
+        ),
+        _ => Error::os(e.os_code().unwrap_or(libc::EIO), e.message().to_string()),
+    }
+}
+
+impl Conn {
+    fn is_failed(&self) -> bool {
+        lock(&self.st).failed.is_some()
+    }
+
+    /// Marks the connection unusable, wakes every waiter, shuts the socket down.
+    fn fail(&self, st: &mut ConnState, e: &Error) {
+        if st.failed.is_none() {
+            st.failed = Some(shared_failure(e));
+        }
+        self.cv.notify_all();
+        // shutdown(2) acts on the socket, not on one descriptor: a reader or a sender blocked
+        // in a system call wakes up with EOF / EPIPE.
+        self.ctl.shutdown();
+    }
+
+    /// Runs one command. `Ok(Err(e))` is a command the server failed cleanly.
+    fn command(
+        &self,
+        cmd: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+        read_buf: &mut [u8],
+        deadline: Instant,
+    ) -> Result<std::result::Result<(), Error>> {
+        let cookie = {
+            let mut st = lock(&self.st);
+            if let Some(e) = &st.failed {
+                return Err(e.clone());
+            }
+            st.cookie = st.cookie.wrapping_add(1);
+            let cookie = st.cookie;
+            st.pending.insert(cookie, Slot { done: false });
+            cookie
+        };
+        let r = self.exchange(cmd, cookie, offset, len, payload, read_buf, deadline);
+        let mut st = lock(&self.st);
+        st.pending.remove(&cookie);
+        if let Err(e) = &r {
+            if let Some(first) = &st.failed {
+                // Another request failed the connection first (its shutdown is what we saw,
+                // e.g. EOF): every request reports that first failure (a stalled server is a
+                // timeout for all of them).
+                return Err(first.clone());
+            }
+            self.fail(&mut st, e);
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exchange(
+        &self,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+        read_buf: &mut [u8],
+        deadline: Instant,
+    ) -> Result<std::result::Result<(), Error>> {
+        {
+            let hdr = proto::request(cmd, cookie, offset, len);
+            // A sender blocked on a stalled server gives up at its deadline, on Ctrl-C or when
+            // the connection fails (shutdown), so this wait is bounded.
+            let mut tx = lock(&self.tx);
+            if let Some(e) = &lock(&self.st).failed {
+                return Err(e.clone());
+            }
+            interrupt::check()?;
+            if Instant::now() >= deadline {
+                return Err(timed_out());
+            }
+            tx.deadline = deadline;
+            if payload.is_empty() {
+                tx.send(&[&hdr])?;
+            } else {
+                tx.send(&[&hdr, payload])?;
+            }
+        }
+        let mut st = lock(&self.st);
+        loop {
+            if let Some(e) = &st.failed {
+                return Err(e.clone());
+            }
+            if st.pending.get(&cookie).is_some_and(|s| s.done) {
+                // Not reached: a reply is only ever completed by its owner (below).
+                return Ok(Ok(()));
+            }
+            match st.reader {
+                Reader::Handed { cookie: c, errno } if c == cookie => {
+                    st.reader = Reader::Busy;
+                    drop(st);
+                    let r = self.finish(cmd, errno, read_buf, deadline);
+                    let mut st2 = lock(&self.st);
+                    if r.is_ok() {
+                        st2.reader = Reader::Free;
+                        if let Some(s) = st2.pending.get_mut(&cookie) {
+                            s.done = true;
+                        }
+                        self.cv.notify_all();
+                    }
+                    return r;
+                }
+                Reader::Free => {
+                    st.reader = Reader::Busy;
+                    drop(st);
+                    let (c, errno) = self.read_header(deadline)?;
+                    st = lock(&self.st);
+                    if st.failed.is_some() {
+                        continue;
+                    }
+                    if c == cookie {
+                        st.reader = Reader::Handed { cookie, errno };
+                        continue;
+                    }
+                    if !st.pending.contains_key(&c) {
+                        return Err(proto::protocol(format!(
+                            "reply cookie {c:#x} matches no request in flight"
+                        )));
+                    }
+                    st.reader = Reader::Handed { cookie: c, errno };
+                    self.cv.notify_all();
+                }
+                Reader::Busy | Reader::Handed { .. } => {
+                    st = self
+                        .cv
+                        .wait_timeout(st, interrupt::POLL)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    if st.failed.is_none() {
+                        interrupt::check()?;
+                        if Instant::now() >= deadline {
+                            return Err(timed_out());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn read_header(&self, deadline: Instant) -> Result<(u64, u32)> {
+        let mut rx = lock(&self.rx);
+        rx.deadline = deadline;
+        let mut hdr = [0u8; 16];
+        rx.recv(&mut hdr)?;
+        proto::parse_reply_any(&hdr)
+    }
+
+    /// The owner's part of its reply: the payload of a successful read.
+    fn finish(
+        &self,
+        cmd: u16,
+        errno: u32,
+        read_buf: &mut [u8],
+        deadline: Instant,
+    ) -> Result<std::result::Result<(), Error>> {
+        if errno != 0 {
+            return Ok(Err(proto::command_error(errno, proto::command_name(cmd))));
+        }
+        if cmd == proto::CMD_READ && !read_buf.is_empty() {
+            let mut rx = lock(&self.rx);
+            rx.deadline = deadline;
+            rx.recv(read_buf)?;
+        }
+        Ok(Ok(()))
+    }
 }
 
 /// What `blockemu info` shows of an NBD export.
@@ -313,7 +573,7 @@ pub struct NbdInfo {
 pub fn info(spec: &str, timeout: Duration) -> Result<NbdInfo> {
     let uri = NbdUri::parse(spec)?;
     let (conn, info) = connect(&uri, timeout)?;
-    disconnect(conn);
+    disconnect(&conn);
     Ok(NbdInfo {
         size: info.size,
         readonly: info.readonly(),
@@ -321,11 +581,16 @@ pub fn info(spec: &str, timeout: Duration) -> Result<NbdInfo> {
     })
 }
 
-fn disconnect(mut conn: Conn) {
-    conn.deadline = Instant::now() + Duration::from_millis(100);
-    conn.cookie += 1;
-    let _ = conn.send(&[&proto::request(proto::CMD_DISC, conn.cookie, 0, 0)]);
-    conn.stream.shutdown();
+fn disconnect(conn: &Conn) {
+    let cookie = {
+        let mut st = lock(&conn.st);
+        st.cookie = st.cookie.wrapping_add(1);
+        st.cookie
+    };
+    let mut tx = lock(&conn.tx);
+    tx.deadline = Instant::now() + Duration::from_millis(100);
+    let _ = tx.send(&[&proto::request(proto::CMD_DISC, cookie, 0, 0)]);
+    tx.stream.shutdown();
 }
 
 /// The NBD client backend.
@@ -334,8 +599,9 @@ pub struct NbdBackend {
     spec: String,
     info: ExportInfo,
     timeout: Duration,
-    /// `None` after a failure that broke the stream: the next operation reconnects.
-    conn: Mutex<Option<Conn>>,
+    /// `None` (or a failed connection) after a failure that broke the stream: the next
+    /// operation reconnects.
+    conn: Mutex<Option<Arc<Conn>>>,
 }
 
 impl NbdBackend {
@@ -352,7 +618,7 @@ impl NbdBackend {
             spec: spec.to_string(),
             info,
             timeout,
-            conn: Mutex::new(Some(conn)),
+            conn: Mutex::new(Some(Arc::new(conn))),
         })
     }
 
@@ -363,7 +629,33 @@ impl NbdBackend {
         self.info.readonly()
     }
 
-    /// Runs one command; on a connection-level failure drops the connection.
+    /// The current connection, reconnecting (and checking the export) if it failed.
+    fn conn(&self) -> Result<Arc<Conn>> {
+        let mut guard = lock(&self.conn);
+        if let Some(c) = guard.as_ref() {
+            if !c.is_failed() {
+                return Ok(c.clone());
+            }
+        }
+        *guard = None;
+        let (conn, info) = connect(&self.uri, self.timeout).map_err(|e| context(e, &self.spec))?;
+        if info.size != self.info.size || info.readonly() != self.info.readonly() {
+            disconnect(&conn);
+            return Err(Error::os(
+                libc::EIO,
+                format!(
+                    "NBD export {} changed on reconnection (size {} -> {})",
+                    self.spec, self.info.size, info.size
+                ),
+            ));
+        }
+        let conn = Arc::new(conn);
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs one command (concurrently with other threads' commands on the one connection);
+    /// on a connection-level failure the connection is marked failed.
     fn command(
         &self,
         cmd: u16,
@@ -372,34 +664,11 @@ impl NbdBackend {
         payload: &[u8],
         read_buf: &mut [u8],
     ) -> Result<()> {
-        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_none() {
-            let (conn, info) =
-                connect(&self.uri, self.timeout).map_err(|e| context(e, &self.spec))?;
-            if info.size != self.info.size || info.readonly() != self.info.readonly() {
-                disconnect(conn);
-                return Err(Error::os(
-                    libc::EIO,
-                    format!(
-                        "NBD export {} changed on reconnection (size {} -> {})",
-                        self.spec, self.info.size, info.size
-                    ),
-                ));
-            }
-            *guard = Some(conn);
-        }
-        let conn = guard.as_mut().expect("connected above");
-        conn.deadline = Instant::now() + self.timeout;
-        conn.cookie = conn.cookie.wrapping_add(1);
-        let cookie = conn.cookie;
-        match proto::command(conn, cmd, cookie, offset, len, payload, read_buf) {
+        let conn = self.conn()?;
+        let deadline = Instant::now() + self.timeout;
+        match conn.command(cmd, offset, len, payload, read_buf, deadline) {
             Ok(r) => r.map_err(|e| e.with_offset(offset)),
-            Err(e) => {
-                if let Some(c) = guard.take() {
-                    c.stream.shutdown();
-                }
-                Err(context(e, &self.spec).with_offset(offset))
-            }
+            Err(e) => Err(context(e, &self.spec).with_offset(offset)),
         }
     }
 
@@ -449,7 +718,9 @@ impl Drop for NbdBackend {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(conn) = conn {
-            disconnect(conn);
+            if !conn.is_failed() {
+                disconnect(&conn);
+            }
         }
     }
 }
