@@ -316,7 +316,6 @@ fn connect(uri: &NbdUri, timeout: Duration) -> Result<(Conn, ExportInfo)> {
             reader: Reader::Free,
             failed: None,
         }),
-        cv: Condvar::new(),
     };
     Ok((conn, info))
 }
@@ -326,17 +325,32 @@ fn connect(uri: &NbdUri, timeout: Duration) -> Result<(Conn, ExportInfo)> {
 enum Reader {
     /// Nobody: the first waiter that sees this becomes the reader.
     Free,
-    /// A thread is reading a reply header (or its own payload).
+    /// A thread (the leader) is reading replies.
     Busy,
-    /// A header for `cookie` was read (with the server's `errno`); its owner takes over the
-    /// read side to read its payload into its own buffer, then frees the read side.
-    Handed { cookie: u64, errno: u32 },
+}
+
+/// Where a request in flight stands.
+enum SlotState {
+    /// Sent (or being sent); no reply yet.
+    Waiting,
+    /// The leader is reading this request's payload into the owner's buffer: the owner may
+    /// not return (its buffer must stay alive) until the state changes.
+    Filling,
+    /// Answered: success, or a clean failure by the server (an errno).
+    Done(std::result::Result<(), Error>),
 }
 
 /// A request sent and not answered yet.
 struct Slot {
-    /// Set when a reply came and was handled (by its owner only; others only hand over).
-    done: bool,
+    /// Its owner waits on this (with `st`'s mutex): only the thread concerned is woken.
+    cv: Arc<Condvar>,
+    cmd: u16,
+    /// The owner's read buffer (address and length; 0 for anything but a read). Written only
+    /// by the leader while the slot is `Filling`, during which the owner stays in
+    /// [`Conn::command`], so the buffer is alive and nobody else touches it.
+    buf: usize,
+    len: usize,
+    state: SlotState,
 }
 
 struct ConnState {
@@ -352,16 +366,17 @@ struct ConnState {
 /// - Sending: a thread takes `tx` (the send lock) and writes its whole request (header and
 ///   write payload) with a fresh cookie, registered in `pending` before the first byte goes.
 /// - Receiving, leader/follower: a waiting requester that finds the read side free becomes
-///   the reader and reads the next reply header. If the cookie is its own it reads its
-///   payload (a read's data land directly in its buffer); otherwise it hands the read side to
-///   the owner of that cookie ([`Reader::Handed`]), which reads its own payload into its own
-///   buffer and frees the read side. No thread ever touches another's buffer, and a reply's
-///   payload length is the owner's own request length (bounded memory). A cookie nobody
-///   waits for, a bad magic or a structured reply is a protocol error (EPROTO).
+///   the leader and reads replies one after the other until its own has come. A reply's
+///   cookie names its request: a read's data are read straight into that request's buffer
+///   (its length is the request's own length: bounded memory, no copy), the request is
+///   marked done and its owner (only it) is woken. When its own reply has come the leader
+///   frees the read side and wakes one other waiter, which becomes the next leader. A cookie
+///   nobody waits for, a bad magic or a structured reply is a protocol error (EPROTO).
 /// - Every wait is in slices of [`interrupt::POLL`] up to the requester's own deadline: a
 ///   timeout, a Ctrl-C, a protocol error, EOF or any I/O error marks the connection failed
 ///   (`failed`), shuts the socket down (a reader blocked in `read` wakes up with EOF) and
-///   fails every waiting request; the backend's next operation reconnects.
+///   fails every waiting request with that first failure (a stalled server is a timeout for
+///   all of them); the backend's next operation reconnects.
 /// - FLUSH is just another request: the server answers it once the writes it has *completed*
 ///   are durable. The node only flushes after the writes it covers were acknowledged, so
 ///   sending it right away is correct; a caller that wants a write covered must wait for that
@@ -372,7 +387,6 @@ struct Conn {
     tx: Mutex<Link>,
     rx: Mutex<Link>,
     st: Mutex<ConnState>,
-    cv: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -401,7 +415,9 @@ impl Conn {
         if st.failed.is_none() {
             st.failed = Some(shared_failure(e));
         }
-        self.cv.notify_all();
+        for slot in st.pending.values() {
+            slot.cv.notify_one();
+        }
         // shutdown(2) acts on the socket, not on one descriptor: a reader or a sender blocked
         // in a system call wakes up with EOF / EPIPE.
         self.ctl.shutdown();
@@ -417,6 +433,7 @@ impl Conn {
         read_buf: &mut [u8],
         deadline: Instant,
     ) -> Result<std::result::Result<(), Error>> {
+        let cv = Arc::new(Condvar::new());
         let cookie = {
             let mut st = lock(&self.st);
             if let Some(e) = &st.failed {
@@ -424,21 +441,48 @@ impl Conn {
             }
             st.cookie = st.cookie.wrapping_add(1);
             let cookie = st.cookie;
-            st.pending.insert(cookie, Slot { done: false });
+            let (buf, blen) = if cmd == proto::CMD_READ {
+                (read_buf.as_mut_ptr() as usize, read_buf.len())
+            } else {
+                (0, 0)
+            };
+            st.pending.insert(
+                cookie,
+                Slot {
+                    cv: cv.clone(),
+                    cmd,
+                    buf,
+                    len: blen,
+                    state: SlotState::Waiting,
+                },
+            );
             cookie
         };
-        let r = self.exchange(cmd, cookie, offset, len, payload, read_buf, deadline);
+        let r = self.exchange(cmd, cookie, offset, len, payload, &cv, deadline);
         let mut st = lock(&self.st);
-        st.pending.remove(&cookie);
-        if let Err(e) = &r {
-            if let Some(first) = &st.failed {
+        let r = match r {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let first = st.failed.clone();
+                self.fail(&mut st, &e);
+                // The leader may be writing into our buffer: wait until it stops (the socket
+                // is shut down, so its read fails at once).
+                while st
+                    .pending
+                    .get(&cookie)
+                    .is_some_and(|s| matches!(s.state, SlotState::Filling))
+                {
+                    st = cv
+                        .wait_timeout(st, interrupt::POLL)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
                 // Another request failed the connection first (its shutdown is what we saw,
-                // e.g. EOF): every request reports that first failure (a stalled server is a
-                // timeout for all of them).
-                return Err(first.clone());
+                // e.g. EOF): every request reports that first failure.
+                Err(first.unwrap_or(e))
             }
-            self.fail(&mut st, e);
-        }
+        };
+        st.pending.remove(&cookie);
         r
     }
 
@@ -450,7 +494,7 @@ impl Conn {
         offset: u64,
         len: u32,
         payload: &[u8],
-        read_buf: &mut [u8],
+        my_cv: &Condvar,
         deadline: Instant,
     ) -> Result<std::result::Result<(), Error>> {
         {
@@ -477,58 +521,102 @@ impl Conn {
             if let Some(e) = &st.failed {
                 return Err(e.clone());
             }
-            if st.pending.get(&cookie).is_some_and(|s| s.done) {
-                // Not reached: a reply is only ever completed by its owner (below).
-                return Ok(Ok(()));
+            let Some(slot) = st.pending.get_mut(&cookie) else {
+                return Err(proto::protocol("request lost"));
+            };
+            if matches!(slot.state, SlotState::Done(_)) {
+                match std::mem::replace(&mut slot.state, SlotState::Waiting) {
+                    SlotState::Done(r) => return Ok(r),
+                    _ => unreachable!("matched above"),
+                }
             }
             match st.reader {
-                Reader::Handed { cookie: c, errno } if c == cookie => {
-                    st.reader = Reader::Busy;
-                    drop(st);
-                    let r = self.finish(cmd, errno, read_buf, deadline);
-                    let mut st2 = lock(&self.st);
-                    if r.is_ok() {
-                        st2.reader = Reader::Free;
-                        if let Some(s) = st2.pending.get_mut(&cookie) {
-                            s.done = true;
-                        }
-                        self.cv.notify_all();
-                    }
-                    return r;
-                }
                 Reader::Free => {
                     st.reader = Reader::Busy;
                     drop(st);
-                    let (c, errno) = self.read_header(deadline)?;
-                    st = lock(&self.st);
-                    if st.failed.is_some() {
-                        continue;
-                    }
-                    if c == cookie {
-                        st.reader = Reader::Handed { cookie, errno };
-                        continue;
-                    }
-                    if !st.pending.contains_key(&c) {
-                        return Err(proto::protocol(format!(
-                            "reply cookie {c:#x} matches no request in flight"
-                        )));
-                    }
-                    st.reader = Reader::Handed { cookie: c, errno };
-                    self.cv.notify_all();
+                    return self.lead(cookie, deadline);
                 }
-                Reader::Busy | Reader::Handed { .. } => {
-                    st = self
-                        .cv
+                Reader::Busy => {
+                    interrupt::check()?;
+                    if Instant::now() >= deadline {
+                        return Err(timed_out());
+                    }
+                    st = my_cv
                         .wait_timeout(st, interrupt::POLL)
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
-                    if st.failed.is_none() {
-                        interrupt::check()?;
-                        if Instant::now() >= deadline {
-                            return Err(timed_out());
+                }
+            }
+        }
+    }
+
+    /// The leader's loop: reads replies (completing other requests) until its own has come.
+    fn lead(&self, cookie: u64, deadline: Instant) -> Result<std::result::Result<(), Error>> {
+        loop {
+            let (c, errno) = self.read_header(deadline)?;
+            let mut st = lock(&self.st);
+            if let Some(e) = &st.failed {
+                return Err(e.clone());
+            }
+            let Some(slot) = st.pending.get_mut(&c) else {
+                return Err(proto::protocol(format!(
+                    "reply cookie {c:#x} matches no request in flight"
+                )));
+            };
+            if !matches!(slot.state, SlotState::Waiting) {
+                return Err(proto::protocol(format!("second reply for cookie {c:#x}")));
+            }
+            let result = if errno != 0 {
+                Ok(Err(proto::command_error(
+                    errno,
+                    proto::command_name(slot.cmd),
+                )))
+            } else if slot.len > 0 {
+                slot.state = SlotState::Filling;
+                let (ptr, n) = (slot.buf, slot.len);
+                drop(st);
+                // SAFETY: the slot is `Filling`: its owner stays in `command` (its `read_buf`
+                // alive and untouched) until we change the state; no one else writes it.
+                let buf = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, n) };
+                let r = {
+                    let mut rx = lock(&self.rx);
+                    rx.deadline = deadline;
+                    rx.recv(buf)
+                };
+                st = lock(&self.st);
+                match r {
+                    Ok(()) => Ok(Ok(())),
+                    Err(e) => {
+                        if let Some(slot) = st.pending.get_mut(&c) {
+                            slot.state = SlotState::Waiting;
                         }
+                        self.fail(&mut st, &e);
+                        return Err(e);
                     }
                 }
+            } else {
+                Ok(Ok(()))
+            };
+            let result: Result<std::result::Result<(), Error>> = result;
+            if c == cookie {
+                st.reader = Reader::Free;
+                // One other waiter becomes the leader (any will do: each one checks the read
+                // side under the lock before it sleeps).
+                if let Some((_, s)) = st
+                    .pending
+                    .iter()
+                    .find(|(k, s)| **k != cookie && matches!(s.state, SlotState::Waiting))
+                {
+                    s.cv.notify_one();
+                }
+                if let Some(slot) = st.pending.get_mut(&c) {
+                    slot.state = SlotState::Waiting;
+                }
+                return result;
+            }
+            if let Some(slot) = st.pending.get_mut(&c) {
+                slot.state = SlotState::Done(result?);
+                slot.cv.notify_one();
             }
         }
     }
@@ -539,25 +627,6 @@ impl Conn {
         let mut hdr = [0u8; 16];
         rx.recv(&mut hdr)?;
         proto::parse_reply_any(&hdr)
-    }
-
-    /// The owner's part of its reply: the payload of a successful read.
-    fn finish(
-        &self,
-        cmd: u16,
-        errno: u32,
-        read_buf: &mut [u8],
-        deadline: Instant,
-    ) -> Result<std::result::Result<(), Error>> {
-        if errno != 0 {
-            return Ok(Err(proto::command_error(errno, proto::command_name(cmd))));
-        }
-        if cmd == proto::CMD_READ && !read_buf.is_empty() {
-            let mut rx = lock(&self.rx);
-            rx.deadline = deadline;
-            rx.recv(read_buf)?;
-        }
-        Ok(Ok(()))
     }
 }
 
