@@ -950,6 +950,122 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A one-connection fake server: the handshake, then `n` requests read before any reply;
+    /// `reply` writes the replies (in any order) given the requests (cookie, offset, len).
+    fn fake_server(
+        tag: &str,
+        n: usize,
+        reply: impl FnOnce(&mut UnixStream, &[(u64, u64, u32)]) + Send + 'static,
+    ) -> (String, std::path::PathBuf, std::thread::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("blockemu-nbd-{tag}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let sock = dir.join("s.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let spec = format!("nbd+unix:///x?socket={}", sock.display());
+        let h = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            c.write_all(&proto::tests::server_hello(1 << 20, proto::TFLAG_HAS_FLAGS))
+                .unwrap();
+            let mut flags = [0u8; 4];
+            c.read_exact(&mut flags).unwrap();
+            let mut opt = [0u8; 16];
+            c.read_exact(&mut opt).unwrap();
+            let len = u32::from_be_bytes(opt[12..16].try_into().unwrap()) as usize;
+            c.read_exact(&mut vec![0u8; len]).unwrap();
+            let mut reqs = Vec::new();
+            for _ in 0..n {
+                let mut r = [0u8; 28];
+                c.read_exact(&mut r).unwrap();
+                reqs.push((
+                    u64::from_be_bytes(r[8..16].try_into().unwrap()),
+                    u64::from_be_bytes(r[16..24].try_into().unwrap()),
+                    u32::from_be_bytes(r[24..28].try_into().unwrap()),
+                ));
+            }
+            reply(&mut c, &reqs);
+            // Hold the connection until the client is done.
+            let _ = c.read(&mut [0u8; 64]);
+        });
+        (spec, dir, h)
+    }
+
+    fn simple_reply(cookie: u64, errno: u32) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        h[4..8].copy_from_slice(&errno.to_be_bytes());
+        h[8..16].copy_from_slice(&cookie.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn replies_out_of_order_reach_their_requesters() {
+        let (spec, dir, server) = fake_server("ooo", 8, |c, reqs| {
+            // Reverse order; request 3 fails cleanly (EIO), the others carry their offset.
+            for (i, &(cookie, offset, len)) in reqs.iter().enumerate().rev() {
+                if offset == 3 * 4096 {
+                    c.write_all(&simple_reply(cookie, 5)).unwrap();
+                    continue;
+                }
+                let mut m = simple_reply(cookie, 0).to_vec();
+                m.extend(std::iter::repeat_n((offset / 4096) as u8 + 1, len as usize));
+                // Split a reply across writes now and then.
+                let cut = if i % 2 == 0 { 7 } else { m.len() };
+                c.write_all(&m[..cut]).unwrap();
+                c.write_all(&m[cut..]).unwrap();
+            }
+        });
+        let b = Arc::new(NbdBackend::connect(&spec, Some(Duration::from_secs(10))).unwrap());
+        let threads: Vec<_> = (0..8u64)
+            .map(|k| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 512 + k as usize];
+                    let r = b.read_at(&mut buf, k * 4096);
+                    (k, r.map(|()| buf))
+                })
+            })
+            .collect();
+        for t in threads {
+            let (k, r) = t.join().unwrap();
+            if k == 3 {
+                let e = r.expect_err("server failed it");
+                assert_eq!(e.os_code(), Some(libc::EIO), "{e}");
+            } else {
+                let buf = r.unwrap();
+                assert_eq!(buf.len(), 512 + k as usize);
+                assert!(buf.iter().all(|&x| x == k as u8 + 1), "request {k}");
+            }
+        }
+        drop(b);
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unknown_cookie_fails_every_request_in_flight() {
+        let (spec, dir, server) = fake_server("cookie", 4, |c, reqs| {
+            let bogus = reqs.iter().map(|r| r.0).max().unwrap() + 100;
+            c.write_all(&simple_reply(bogus, 0)).unwrap();
+        });
+        let b = Arc::new(NbdBackend::connect(&spec, Some(Duration::from_secs(10))).unwrap());
+        let t0 = Instant::now();
+        let threads: Vec<_> = (0..4u64)
+            .map(|k| {
+                let b = b.clone();
+                std::thread::spawn(move || b.read_at(&mut [0u8; 512], k * 4096))
+            })
+            .collect();
+        for t in threads {
+            let e = t.join().unwrap().expect_err("protocol error");
+            assert_eq!(e.os_code(), Some(libc::EPROTO), "{e}");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        drop(b);
+        server.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn stalled_server_times_out() {
         let dir = std::env::temp_dir().join(format!("blockemu-nbd-stall-{}", std::process::id()));
