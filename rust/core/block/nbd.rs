@@ -499,9 +499,31 @@ impl Conn {
     ) -> Result<std::result::Result<(), Error>> {
         {
             let hdr = proto::request(cmd, cookie, offset, len);
-            // A sender blocked on a stalled server gives up at its deadline, on Ctrl-C or when
-            // the connection fails (shutdown), so this wait is bounded.
-            let mut tx = lock(&self.tx);
+            // The send lock is held for one request's write: normally a few microseconds
+            // (yield), but a sender blocked on a stalled server holds it up to its deadline, so
+            // after a while we wait in short sleeps, interruptible and bounded by our deadline.
+            let mut tries = 0u32;
+            let mut tx = loop {
+                match self.tx.try_lock() {
+                    Ok(g) => break g,
+                    Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        tries += 1;
+                        if tries < 64 {
+                            std::thread::yield_now();
+                            continue;
+                        }
+                        if let Some(e) = &lock(&self.st).failed {
+                            return Err(e.clone());
+                        }
+                        interrupt::check()?;
+                        if Instant::now() >= deadline {
+                            return Err(timed_out());
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            };
             if let Some(e) = &lock(&self.st).failed {
                 return Err(e.clone());
             }
