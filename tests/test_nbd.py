@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -126,6 +127,83 @@ def test_concurrent_workers(serve: Any, image: Path) -> None:
     assert not errors, errors
     node.flush()
     assert file_bytes(image, (1 * 50 + 3) * 4096, 4) == bytes([1, 3]) * 2
+    node.close()
+
+
+def test_32_requests_in_flight_match_the_file(serve: Any, image: Path) -> None:
+    """32 threads share one connection (pipelined requests, replies matched by cookie):
+    each writes its own blocks and reads random ones; everything matches the file."""
+    srv = serve()
+    node = blockemu.open_image(srv.uri, timeout=30)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(32)
+    expected = file_bytes(image, 0, SIZE // 2)
+
+    def worker(k: int) -> None:
+        try:
+            rng = random.Random(k)
+            barrier.wait(30)
+            for i in range(40):
+                # Writes go to the second half (k's own blocks), reads to the first half.
+                if i % 4 == 0:
+                    block = bytes([k, i]) * 2048
+                    node.write(SIZE // 2 + (k * 10 + i // 4) * 4096, block)
+                    got = node.read(SIZE // 2 + (k * 10 + i // 4) * 4096, 4096)
+                    assert got == block, (k, i)
+                n = rng.choice((512, 4096, 65536))
+                o = rng.randrange(0, SIZE // 2 - n)
+                assert node.read(o, n) == expected[o : o + n], (k, i, o, n)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    node.flush()
+    for k in range(32):
+        for j in range(10):
+            off = SIZE // 2 + (k * 10 + j) * 4096
+            assert file_bytes(image, off, 4096) == bytes([k, j * 4]) * 2048
+    assert node.read(0, SIZE) == file_bytes(image, 0, SIZE)
+    node.close()
+
+
+def test_stalled_server_fails_all_16_in_flight_then_recovers(serve: Any, image: Path) -> None:
+    srv = serve()
+    node = blockemu.open_image(srv.uri, timeout=0.5)
+    assert node.read(0, 512) == pattern(512)
+    results: list[BaseException | bytes] = []
+    barrier = threading.Barrier(17)
+
+    def reader(k: int) -> None:
+        barrier.wait(10)
+        try:
+            results.append(node.read(k * 8192, 4096))
+        except BaseException as e:
+            results.append(e)
+
+    srv.signal(signal.SIGSTOP)
+    try:
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(16)]
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        barrier.wait(10)
+        for t in threads:
+            t.join(10)
+        elapsed = time.monotonic() - t0
+        assert not any(t.is_alive() for t in threads)
+        assert len(results) == 16
+        bad = [r for r in results if not isinstance(r, TimeoutError)]
+        assert not bad, bad
+        assert elapsed < 5, elapsed
+    finally:
+        srv.signal(signal.SIGCONT)
+    # The broken connection was dropped: the next operation reconnects.
+    assert node.read(4096, 512) == file_bytes(image, 4096, 512)
     node.close()
 
 

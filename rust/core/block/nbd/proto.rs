@@ -352,6 +352,29 @@ pub fn parse_reply(hdr: &[u8; 16], cookie: u64) -> Result<u32> {
     Ok(be32(hdr, 4))
 }
 
+/// Checks a simple reply header of any cookie; returns `(cookie, errno)`. A wrong magic (or
+/// a structured reply, never negotiated) is a protocol error.
+pub fn parse_reply_any(hdr: &[u8; 16]) -> Result<(u64, u32)> {
+    match be32(hdr, 0) {
+        SIMPLE_REPLY_MAGIC => {}
+        STRUCTURED_REPLY_MAGIC => return Err(protocol("structured reply (never negotiated)")),
+        m => return Err(protocol(format!("bad reply magic {m:#x}"))),
+    }
+    Ok((be64(hdr, 8), be32(hdr, 4)))
+}
+
+/// How a command is named in an error message.
+pub fn command_name(cmd: u16) -> &'static str {
+    match cmd {
+        CMD_READ => "read",
+        CMD_WRITE => "write",
+        CMD_FLUSH => "flush",
+        CMD_TRIM => "trim",
+        CMD_WRITE_ZEROES => "write-zeroes",
+        _ => "command",
+    }
+}
+
 /// The error a non-zero NBD errno becomes (the spec's values are Linux errnos).
 pub fn command_error(errno: u32, what: &str) -> Error {
     let code = match errno {
@@ -395,15 +418,7 @@ pub fn command<I: Io>(
         if early > 0 {
             return Err(protocol("data after an error reply"));
         }
-        let what = match cmd {
-            CMD_READ => "read",
-            CMD_WRITE => "write",
-            CMD_FLUSH => "flush",
-            CMD_TRIM => "trim",
-            CMD_WRITE_ZEROES => "write-zeroes",
-            _ => "command",
-        };
-        return Ok(Err(command_error(errno, what)));
+        return Ok(Err(command_error(errno, command_name(cmd))));
     }
     if cmd == CMD_READ {
         io.recv(&mut read_buf[early..])?;
