@@ -1,5 +1,7 @@
 //! Argument conversions shared by the bindings.
 
+use std::time::Duration;
+
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
@@ -68,5 +70,28 @@ impl ByteView {
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn as_mut_slice(&self) -> &mut [u8] {
         std::slice::from_raw_parts_mut(self.buf.buf_ptr() as *mut u8, self.len())
+    }
+}
+
+/// `v` when it is at most `max` (a register offset, an access width, a count), else a
+/// `ValueError` naming the argument.
+pub fn at_most(name: &str, v: NonNeg, max: u64) -> PyResult<u64> {
+    if v.0 > max {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be between 0 and {max}, got {}",
+            v.0
+        )));
+    }
+    Ok(v.0)
+}
+
+/// A wait's timeout in seconds: `None` waits for ever; negative or NaN is a `ValueError`.
+pub fn timeout_arg(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t.min(1e9)))),
+        Some(t) => Err(PyValueError::new_err(format!(
+            "timeout must be >= 0, got {t}"
+        ))),
     }
 }

@@ -1,18 +1,16 @@
 //! Python face of `blockemu_core::ide`: `IdeDisk` and `IdeChannel`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use blockemu_core::geometry::TranslationRequest;
 use blockemu_core::ide::{DiscardMode, IdeChannel, IdeDisk, IdeDiskConfig};
 use blockemu_core::jobs::GeometryPolicy;
 use blockemu_core::state::Device;
 use blockemu_core::Error;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::convert::{ByteView, NonNeg};
+use crate::convert::{at_most, timeout_arg, ByteView, NonNeg};
 use crate::errors::{detach_interruptible, IntoPyResult};
 use crate::geometry::PyGeometry;
 use crate::guest_memory::PyGuestMemory;
@@ -93,29 +91,9 @@ impl PyIdeDisk {
     }
 }
 
-fn timeout_arg(timeout: Option<f64>) -> PyResult<Option<Duration>> {
-    match timeout {
-        None => Ok(None),
-        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t.min(1e9)))),
-        Some(t) => Err(PyValueError::new_err(format!(
-            "timeout must be >= 0, got {t}"
-        ))),
-    }
-}
-
-fn byte_arg(name: &str, v: NonNeg, max: u64) -> PyResult<u64> {
-    if v.0 > max {
-        return Err(PyValueError::new_err(format!(
-            "{name} must be between 0 and {max}, got {}",
-            v.0
-        )));
-    }
-    Ok(v.0)
-}
-
 fn access(offset: NonNeg, size: NonNeg) -> PyResult<(u8, u8)> {
-    let offset = byte_arg("offset", offset, 7)? as u8;
-    let size = byte_arg("size", size, 4)? as u8;
+    let offset = at_most("offset", offset, 7)? as u8;
+    let size = at_most("size", size, 4)? as u8;
     Ok((offset, size))
 }
 
@@ -125,7 +103,7 @@ fn value_arg(value: NonNeg, size: u8) -> PyResult<u32> {
     } else {
         (1u64 << (8 * u32::from(size))) - 1
     };
-    Ok(byte_arg("value", value, max)? as u32)
+    Ok(at_most("value", value, max)? as u32)
 }
 
 /// An IDE channel with a master and a slave slot, an IRQ line and an optional bus master.

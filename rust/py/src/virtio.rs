@@ -1,7 +1,5 @@
 //! Python face of `blockemu_core::virtio`: `VirtioBlk`.
 
-use std::time::Duration;
-
 use blockemu_core::jobs::GeometryPolicy;
 use blockemu_core::state::Device;
 use blockemu_core::virtio::{VirtioBlk, VirtioBlkConfig};
@@ -10,31 +8,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use crate::convert::NonNeg;
+use crate::convert::{at_most, timeout_arg, NonNeg};
 use crate::errors::{detach_interruptible, IntoPyResult};
 use crate::geometry::PyGeometry;
 use crate::guest_memory::PyGuestMemory;
 use crate::node::PyBlockNode;
-
-fn u32_arg(name: &str, v: NonNeg, max: u64) -> PyResult<u32> {
-    if v.0 > max {
-        return Err(PyValueError::new_err(format!(
-            "{name} must be between 0 and {max}, got {}",
-            v.0
-        )));
-    }
-    Ok(v.0 as u32)
-}
-
-fn timeout_arg(timeout: Option<f64>) -> PyResult<Option<Duration>> {
-    match timeout {
-        None => Ok(None),
-        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t.min(1e9)))),
-        Some(t) => Err(PyValueError::new_err(format!(
-            "timeout must be >= 0, got {t}"
-        ))),
-    }
-}
 
 /// A virtio-blk device on the virtio-mmio (version 2) transport.
 #[pyclass(frozen, name = "VirtioBlk", module = "blockemu")]
@@ -66,11 +44,11 @@ impl PyVirtioBlk {
         geometry_policy: &str,
     ) -> PyResult<Self> {
         let policy = GeometryPolicy::parse(geometry_policy).py_err()?;
-        let queue_size = u32_arg("queue_size", queue_size, 32768)?;
+        let queue_size = at_most("queue_size", queue_size, 32768)? as u32;
         if queue_size == 0 {
             return Err(PyValueError::new_err("queue_size must be at least 1"));
         }
-        let num_queues = u32_arg("num_queues", num_queues, 1024)?;
+        let num_queues = at_most("num_queues", num_queues, 1024)? as u32;
         if num_queues == 0 {
             return Err(PyValueError::new_err("num_queues must be at least 1"));
         }
@@ -150,8 +128,8 @@ impl PyVirtioBlk {
     /// as on QEMU.
     #[pyo3(signature = (offset, size = NonNeg(4)), text_signature = "($self, offset, size=4)")]
     fn mmio_read(&self, offset: NonNeg, size: NonNeg) -> PyResult<u32> {
-        let offset = u32_arg("offset", offset, 0x1ff)?;
-        let size = u32_arg("size", size, 4)?;
+        let offset = at_most("offset", offset, 0x1ff)? as u32;
+        let size = at_most("size", size, 4)? as u32;
         self.inner.mmio_read(offset, size).py_err()
     }
 
@@ -161,14 +139,14 @@ impl PyVirtioBlk {
         text_signature = "($self, offset, value, size=4)"
     )]
     fn mmio_write(&self, offset: NonNeg, value: NonNeg, size: NonNeg) -> PyResult<()> {
-        let offset = u32_arg("offset", offset, 0x1ff)?;
-        let size = u32_arg("size", size, 4)?;
+        let offset = at_most("offset", offset, 0x1ff)? as u32;
+        let size = at_most("size", size, 4)? as u32;
         let max = if size >= 4 {
             u64::from(u32::MAX)
         } else {
             (1u64 << (8 * size)) - 1
         };
-        let value = u32_arg("value", value, max)?;
+        let value = at_most("value", value, max)? as u32;
         self.inner.mmio_write(offset, value, size).py_err()
     }
 
