@@ -38,6 +38,7 @@ the migration and records the same bytes before and after the close in ``close_p
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -60,6 +61,7 @@ from blockemu import (
 from blockemu.drivers import AtaDriver, VirtioBlkDriver
 from blockemu.guest import GuestWorkload
 from blockemu.migration import Timeouts, incoming, migrate
+from blockemu.migration.mirror import MirrorOptions
 
 # the last machine built here: its IDE disk and ATA driver (for _hazard_view)
 _VIEW: dict[str, Any] = {}
@@ -127,6 +129,10 @@ def build(cfg: dict[str, Any], *, source: bool) -> tuple[Machine, GuestWorkload 
             ack_log=w.get("ack_log"),
             base=int(w.get("base", 64)),
             span=int(w.get("span", 128)),
+            stride=int(w.get("stride", 1)),
+            scatter=bool(w.get("scatter", False)),
+            rate=w.get("rate"),
+            step_delay=float(w.get("step_delay", 0.0005)),
         )
     _VIEW["ata"] = ata
     return m, wl, faults
@@ -211,6 +217,21 @@ def main() -> int:
         if cfg.get("cancel_at") == name:
             cancel.set()
 
+    def on_progress(prog: dict[str, Any]) -> None:
+        # the test watches the copy from outside (kill or stop the destination mid-copy)
+        line = {k: prog[k] for k in ("bytes_done", "bytes_total", "passes", "state")}
+        with open(cfg["progress_file"], "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    if cfg.get("cancel_file"):
+        # the operator's cancel, from outside: the test creates the file mid-copy
+        def watch_cancel() -> None:
+            while not os.path.exists(cfg["cancel_file"]):
+                time.sleep(0.01)
+            cancel.set()
+
+        threading.Thread(target=watch_cancel, daemon=True).start()
+
     m: Machine | None = None
     wl: GuestWorkload | None = None
     try:
@@ -237,10 +258,13 @@ def main() -> int:
                     cfg["uri"],
                     timeout=float(cfg.get("timeout", 10.0)),
                     timeouts=timeouts,
-                    cancel=cancel if cfg.get("cancel_at") else None,
+                    cancel=cancel if cfg.get("cancel_at") or cfg.get("cancel_file") else None,
                     on_phase=on_phase,
                     verify=cfg.get("verify", "witness"),
                     records=records,
+                    storage=cfg.get("storage", "shared"),
+                    mirror=MirrorOptions(**cfg.get("mirror", {})),
+                    on_progress=on_progress if cfg.get("progress_file") else None,
                 )
                 out["ok"] = True
             except MigrationError as e:
@@ -292,6 +316,7 @@ def main() -> int:
                     ready=ready,
                     autostart=bool(cfg.get("autostart", True)),
                     records=records,
+                    storage=cfg.get("storage", "shared"),
                 )
                 out["ok"] = True
             except MigrationError as e:
@@ -336,6 +361,8 @@ def main() -> int:
             if wl.error is not None:
                 out["guest_error"] = repr(wl.error)
             out["guest_steps"] = wl.seq
+            if cfg.get("report_acked"):
+                out["acked"] = {d: sorted(a.items()) for d, a in wl.acked.items()}
         if m is not None and "close_peeks" not in out:
             out["nodes"] = _node_info(m)
     except BaseException as e:

@@ -89,7 +89,14 @@ def _cmd_geometry(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from blockemu.migration.demo import format_report, run_demo
 
-    report = run_demo(args.dir, args.transport)
+    report = run_demo(
+        args.dir,
+        args.transport,
+        args.storage,
+        disk_size=args.disk_size,
+        speed=args.speed,
+        progress=not args.json,
+    )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -146,6 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dir", default=None, help="working directory (default: a new temporary one)")
     p.add_argument("--transport", default="tcp", choices=["tcp", "unix"])
+    p.add_argument(
+        "--storage",
+        default="shared",
+        choices=["shared", "mirror"],
+        help="shared: both processes use the same image files; mirror: the destination has its "
+        "own empty images and the disks are copied while the guest runs (with a progress bar)",
+    )
+    p.add_argument(
+        "--disk-size",
+        type=_parse_size,
+        default=None,
+        help="size of each disk (default 16M, or 256M with --storage mirror)",
+    )
+    p.add_argument(
+        "--speed",
+        type=_parse_size,
+        default=0,
+        help="--storage mirror: cap the copy at this many bytes/s (K/M/G suffixes; 0: no cap)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_demo)
     return parser

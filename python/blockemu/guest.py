@@ -14,24 +14,40 @@ and the destination's guest collects the completion after the migration.
 
 from __future__ import annotations
 
+import random
 import struct
 import threading
+import time
 from typing import Any
 
 from blockemu.drivers.ata import AtaDriver, parse_identify
 from blockemu.drivers.virtio import T_OUT, Request, RingLayout, Submitted, VirtioBlkDriver
 
-__all__ = ["GuestWorkload", "pattern", "restore_ata", "restore_virtio", "save_ata", "save_virtio"]
+__all__ = [
+    "GuestWorkload",
+    "block_pattern",
+    "pattern",
+    "restore_ata",
+    "restore_virtio",
+    "save_ata",
+    "save_virtio",
+]
 
 SECTOR = 512
 _TAG = b"BLKEMU-W"
+_RAMP = bytes(range(256)) * 4  # byte i of a sector's body is (start + i) & 0xFF
 
 
 def pattern(device: str, seq: int, lba: int) -> bytes:
     """The 512 bytes the workload writes as write number ``seq`` to ``lba`` of ``device``."""
     head = _TAG + struct.pack("<QQ", seq, lba) + device.encode()[:16].ljust(16, b"\0")
-    body = bytes((seq * 7 + lba + i) & 0xFF for i in range(SECTOR - len(head)))
-    return head + body
+    start = (seq * 7 + lba) & 0xFF
+    return head + _RAMP[start : start + SECTOR - len(head)]
+
+
+def block_pattern(device: str, seq: int, lba: int, sectors: int) -> bytes:
+    """What write ``seq`` puts on ``sectors`` sectors from ``lba``: each sector's own pattern."""
+    return b"".join(pattern(device, seq, lba + i) for i in range(sectors))
 
 
 def save_ata(drv: AtaDriver) -> dict[str, Any]:
@@ -126,7 +142,12 @@ def restore_virtio(drv: VirtioBlkDriver, st: dict[str, Any]) -> None:
 
 
 class GuestWorkload:
-    """See the module docs. ``base``/``span``: the sectors written (``base + seq % span``)."""
+    """See the module docs. ``base``/``span``: the sectors written (``base + seq % span``).
+
+    ``stride``: sectors per write (writes start at multiples of it from ``base``);
+    ``scatter``: each write goes to a pseudo-random block of the span (seeded by ``seq``)
+    instead of the next one; ``rate``: bytes per second written per device, paced evenly (the
+    steady writer of a mirror test), instead of ``step_delay`` between steps."""
 
     def __init__(
         self,
@@ -140,7 +161,15 @@ class GuestWorkload:
         step_delay: float = 0.0005,
         max_steps: int | None = None,
         ack_log: str | None = None,
+        stride: int = 1,
+        scatter: bool = False,
+        rate: float | None = None,
     ) -> None:
+        if stride < 1 or span < stride:
+            raise ValueError("stride must be at least 1 and at most span")
+        self.stride = stride
+        self.scatter = scatter
+        self.rate = rate
         self.ata = ata
         self.virtio = virtio
         self.base = base
@@ -205,6 +234,7 @@ class GuestWorkload:
     # ------------------------------------------------------------------ the guest code
 
     def _loop(self) -> None:
+        t0, seq0 = time.monotonic(), self.seq
         try:
             while True:
                 with self._cond:
@@ -213,7 +243,13 @@ class GuestWorkload:
                     ):
                         break
                 self.step()
-                if self.step_delay:
+                if self.rate:
+                    due = t0 + (self.seq - seq0) * self.stride * SECTOR / self.rate
+                    with self._cond:
+                        self._cond.wait_for(
+                            lambda: not self._want_run, max(0.0, due - time.monotonic())
+                        )
+                elif self.step_delay:
                     with self._cond:
                         self._cond.wait_for(lambda: not self._want_run, self.step_delay)
         except BaseException as e:  # the guest "crashes": remember why
@@ -241,14 +277,22 @@ class GuestWorkload:
         if self._log is not None:
             self._log.write(f"{dev} {lba} {seq}\n")
 
+    def lba_of(self, seq: int) -> int:
+        """The first sector write ``seq`` goes to."""
+        blocks = self.span // self.stride
+        if self.scatter:
+            return self.base + random.Random(seq).randrange(blocks) * self.stride
+        return self.base + seq % blocks * self.stride
+
     def step(self) -> None:
         seq = self.seq
-        lba = self.base + seq % self.span
+        lba = self.lba_of(seq)
+        n = self.stride
         if self.ata is not None:
-            self.ata.write(lba, pattern("ide", seq, lba))
+            self.ata.write(lba, block_pattern("ide", seq, lba, n))
             self._ack("ide", lba, seq)
         if self.virtio is not None:
-            data = pattern("virtio", seq, lba)
+            data = block_pattern("virtio", seq, lba, n)
             if self.inflight:
                 self.collect()
                 (sub,) = self.virtio.submit([Request(T_OUT, lba, data=data)])
@@ -273,8 +317,8 @@ class GuestWorkload:
             if drv is None:
                 continue
             for lba, seq in sorted(acked.items()):
-                got = drv.read(lba, 1)
-                want = pattern(dev, seq, lba)
+                got = drv.read(lba, self.stride)
+                want = block_pattern(dev, seq, lba, self.stride)
                 if got != want:
                     tag = got[:8], struct.unpack("<QQ", got[8:24]) if got[:8] == _TAG else None
                     raise AssertionError(

@@ -63,6 +63,9 @@ class Timeouts:
     # heartbeat_interval (and answers PING with PONG); no frame for peer_dead = peer loss.
     heartbeat_interval: float = 0.5
     peer_dead: float = 3.0
+    # storage="mirror": how long the copy may take to converge (the guest runs meanwhile);
+    # the heartbeat runs from HELLO_ACK on, so a lost peer is noticed in peer_dead
+    mirror: float = 3600.0
 
     def scaled(self, factor: float) -> Timeouts:
         return replace(self, **{k: v * factor for k, v in self.__dict__.items()})

@@ -8,10 +8,15 @@ destination, then reads back every acknowledged write through the destination's 
 checks the invariants while it runs: zero destination reads before activation, at most one holder
 of each image's write lock (sampled through /proc/locks from the demo's own process), the whole
 image digest equal on both sides, the geometry carried in the stream.
+
+With ``storage="mirror"`` (``blockemu demo --storage mirror``) source and destination have
+images of their own: the destination's start empty, and the source copies its disks there while
+the guest runs (progress is shown as it goes), then hands over as with shared storage.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import struct
@@ -20,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +36,13 @@ from blockemu.guest import GuestWorkload
 from blockemu.machine import Machine
 from blockemu.migration.common import Timeouts
 from blockemu.migration.destination import incoming
+from blockemu.migration.mirror import MirrorOptions, format_progress
 from blockemu.migration.source import migrate
 
 __all__ = ["main", "run_demo", "write_mbr"]
 
 DISK_SIZE = 16 << 20
+MIRROR_DISK_SIZE = 256 << 20
 RAM_SIZE = 2 << 20
 
 
@@ -92,7 +100,27 @@ def _peer(cfg: dict[str, Any]) -> dict[str, Any]:
         m.add_vcpu("cpu0", wl)
         wl.resume()
         time.sleep(float(cfg.get("run_for", 0.5)))
-        out["report"] = migrate(m, cfg["uri"], timeout=20.0, timeouts=timeouts, verify="full")
+        storage = cfg.get("storage", "shared")
+        last = [0.0]
+
+        def progress(prog: dict[str, Any]) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 0.1 or prog["ready"]:
+                last[0] = now
+                keys = ("bytes_total", "bytes_done", "passes", "dirty_bytes", "dirty_rate")
+                line = {"progress": {k: prog[k] for k in (*keys, "throughput", "state")}}
+                print(json.dumps(line), flush=True)
+
+        out["report"] = migrate(
+            m,
+            cfg["uri"],
+            timeout=20.0,
+            timeouts=replace(timeouts, mirror=600.0),
+            verify="full",
+            storage=storage,
+            mirror=MirrorOptions(speed=int(cfg.get("speed", 0))),
+            on_progress=progress if storage == "mirror" else None,
+        )
         out["guest_steps_at_stop"] = wl.seq
     else:
         m.add_vcpu("cpu0", wl)
@@ -100,7 +128,14 @@ def _peer(cfg: dict[str, Any]) -> dict[str, Any]:
         def ready(uri: str) -> None:
             Path(cfg["ready_file"]).write_text(uri)
 
-        out["report"] = incoming(m, cfg["uri"], timeout=20.0, timeouts=timeouts, ready=ready)
+        out["report"] = incoming(
+            m,
+            cfg["uri"],
+            timeout=20.0,
+            timeouts=replace(timeouts, mirror=600.0),
+            ready=ready,
+            storage=cfg.get("storage", "shared"),
+        )
         time.sleep(float(cfg.get("after", 0.3)))
         wl.pause()  # the guest stops writing; the devices keep serving its reads
         if wl.error is not None:
@@ -144,9 +179,71 @@ def _spawn(cfg: dict[str, Any], workdir: Path) -> subprocess.Popen[str]:
     )
 
 
-def _result(proc: subprocess.Popen[str], timeout: float = 60.0) -> dict[str, Any]:
-    out, err = proc.communicate(timeout=timeout)
-    lines = out.strip().splitlines()
+class _Bar:
+    """The copy's progress on the terminal: tqdm when it is installed, plain text otherwise
+    (one rewritten line on a terminal, a line per 10 % elsewhere)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tqdm: Any = None
+        self.last_tenth = -1
+        self.tty = sys.stderr.isatty()
+        if enabled:
+            try:  # optional dependency: pip install 'blockemu[progress]'
+                tqdm = importlib.import_module("tqdm").tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.tqdm = tqdm(total=0, unit="B", unit_scale=True, desc="mirror", leave=True)
+
+    def update(self, prog: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self.tqdm is not None:
+            self.tqdm.total = prog["bytes_total"]
+            self.tqdm.n = min(prog["bytes_done"], prog["bytes_total"])
+            mib = 1 << 20
+            self.tqdm.set_postfix(
+                passes=prog["passes"],
+                dirty=f"{prog['dirty_bytes'] / mib:.1f}MiB",
+                state=prog["state"],
+                refresh=False,
+            )
+            self.tqdm.refresh()
+            return
+        line = "mirror " + format_progress(prog)
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+            return
+        tenth = 10 * prog["bytes_done"] // max(1, prog["bytes_total"])
+        if tenth != self.last_tenth or prog["state"] == "ready":
+            self.last_tenth = tenth
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
+        elif self.enabled and self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def _result(
+    proc: subprocess.Popen[str], timeout: float = 60.0, bar: _Bar | None = None
+) -> dict[str, Any]:
+    if bar is not None and proc.stdout is not None:
+        # progress lines as they come, then the result (the last line)
+        out_lines = []
+        for raw in proc.stdout:
+            if raw.startswith('{"progress"'):
+                bar.update(json.loads(raw)["progress"])
+            else:
+                out_lines.append(raw)
+        bar.close()
+        rest, err = proc.communicate(timeout=timeout)
+        out = "".join(out_lines) + rest
+    else:
+        out, err = proc.communicate(timeout=timeout)
+    lines = [ln for ln in out.strip().splitlines() if not ln.startswith('{"progress"')]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"peer failed (exit {proc.returncode}): {err[-2000:]}")
     res: dict[str, Any] = json.loads(lines[-1])
@@ -155,17 +252,55 @@ def _result(proc: subprocess.Popen[str], timeout: float = 60.0) -> dict[str, Any
     return res
 
 
-def run_demo(directory: str | None = None, transport: str = "tcp") -> dict[str, Any]:
-    """Runs the demo; returns its report (``ok`` says whether every check passed)."""
+def _fill(path: Path, size: int) -> None:
+    """Gives a mirror something to copy: data in every other 8 MiB stretch (the rest stays a
+    hole, which the copy skips) after the partition table's first MiB."""
+    block = os.urandom(1 << 20)
+    with open(path, "r+b") as f:
+        for off in range(1 << 20, size, 16 << 20):
+            for sub in range(off, min(off + (8 << 20), size), 1 << 20):
+                f.seek(sub)
+                f.write(block[: min(1 << 20, size - sub)])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_demo(
+    directory: str | None = None,
+    transport: str = "tcp",
+    storage: str = "shared",
+    *,
+    disk_size: int | None = None,
+    speed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Runs the demo; returns its report (``ok`` says whether every check passed).
+
+    ``storage="mirror"``: the destination has empty images of its own and the disks are copied
+    while the guest runs (``speed`` caps the copy in bytes/s; ``progress`` draws a bar on
+    stderr)."""
+    if storage not in ("shared", "mirror"):
+        raise ValueError("storage is 'shared' or 'mirror'")
+    mirror = storage == "mirror"
+    size = disk_size or (MIRROR_DISK_SIZE if mirror else DISK_SIZE)
     workdir = Path(directory or tempfile.mkdtemp(prefix="blockemu-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     images = {"ide": workdir / "disk-ide.img", "virtio": workdir / "disk-virtio.img"}
-    for p in images.values():
+    dst_images = dict(images)
+    if mirror:
+        dst_images = {k: workdir / f"dest-{p.name}" for k, p in images.items()}
+    for p in [*images.values(), *dst_images.values()]:
         for stale in (p, Path(str(p) + ".owner")):
             if stale.exists():
                 stale.unlink()
-        blockemu.create_image(p, DISK_SIZE)
-        write_mbr(p, DISK_SIZE)
+    for p in images.values():
+        blockemu.create_image(p, size)
+        write_mbr(p, size)
+        if mirror:
+            _fill(p, size)
+    if mirror:
+        for p in dst_images.values():
+            blockemu.create_image(p, size)  # empty: the mirror fills it
     ack_log = workdir / "acks.log"
     if ack_log.exists():
         ack_log.unlink()
@@ -182,20 +317,26 @@ def run_demo(directory: str | None = None, transport: str = "tcp") -> dict[str, 
     ready = workdir / "ready"
     if ready.exists():
         ready.unlink()
-    base = {"ide": str(images["ide"]), "virtio": str(images["virtio"]), "uri": uri}
+    base: dict[str, Any] = {"ide": str(images["ide"]), "virtio": str(images["virtio"]), "uri": uri}
     base["ack_log"] = str(ack_log)
-    dst = _spawn({**base, "role": "destination", "ready_file": str(ready)}, workdir)
+    base["storage"] = storage
+    base["speed"] = speed
+    dst_cfg = {**base, "ide": str(dst_images["ide"]), "virtio": str(dst_images["virtio"])}
+    dst = _spawn({**dst_cfg, "role": "destination", "ready_file": str(ready)}, workdir)
     deadline = time.monotonic() + 30
     while not ready.exists():
         if dst.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the destination did not start: {dst.communicate()[1][-2000:]}")
         time.sleep(0.01)
-    max_holders = {k: 0 for k in images}
+    watched = dict(images)
+    if mirror:
+        watched.update({f"dest-{k}": p for k, p in dst_images.items()})
+    max_holders = {k: 0 for k in watched}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            for k, p in images.items():
+            for k, p in watched.items():
                 try:
                     max_holders[k] = max(max_holders[k], _holders(p))
                 except OSError:
@@ -206,8 +347,8 @@ def run_demo(directory: str | None = None, transport: str = "tcp") -> dict[str, 
     sampler.start()
     src = _spawn({**base, "role": "source"}, workdir)
     try:
-        rs = _result(src)
-        rd = _result(dst)
+        rs = _result(src, timeout=600.0, bar=_Bar(progress and mirror))
+        rd = _result(dst, timeout=600.0)
     finally:
         stop.set()
         sampler.join()
@@ -234,6 +375,12 @@ def run_demo(directory: str | None = None, transport: str = "tcp") -> dict[str, 
             n["active"] for n in rs["nodes"].values()
         ),
     }
+    if mirror:
+        mrep = srep.get("mirror", {})
+        checks["disks copied while the guest ran, then the dirty rest"] = (
+            mrep.get("bytes_total", 0) == 2 * size and "final" in mrep
+        )
+        checks["holes not sent as data"] = mrep.get("bytes_zero", 0) > 0
     return {
         "ok": all(checks.values()),
         "dir": str(workdir),
@@ -255,12 +402,19 @@ def run_demo(directory: str | None = None, transport: str = "tcp") -> dict[str, 
         "read_back": rd["checked"],
         "max_write_lock_holders": max_holders,
         "epoch": srep.get("epoch"),
+        "storage": storage,
+        "mirror": srep.get("mirror"),
         "checks": checks,
     }
 
 
 def format_report(rep: dict[str, Any]) -> str:
-    lines = [f"blockemu demo: live migration over {rep['uri']} ({rep['dir']})", "", "phases:"]
+    what = (
+        "live migration with disk mirroring"
+        if rep.get("storage") == "mirror"
+        else ("live migration")
+    )
+    lines = [f"blockemu demo: {what} over {rep['uri']} ({rep['dir']})", "", "phases:"]
     for p in rep["phases"]:
         lines.append(f"  {p['name']:<15} {p['duration_ms']:>9.1f} ms")
     lines += [
@@ -274,6 +428,18 @@ def format_report(rep: dict[str, Any]) -> str:
         f"read back:                {rep['read_back']} acknowledged sectors",
         "",
     ]
+    mrep = rep.get("mirror")
+    if mrep:
+        mib = 1 << 20
+        final = mrep.get("final", {})
+        lines[-1:-1] = [
+            f"mirrored:                 {mrep['bytes_total'] / mib:.0f} MiB in"
+            f" {mrep['converged_after_s']:.2f} s ({mrep['bytes_copied'] / mib:.1f} MiB as data,"
+            f" {mrep['bytes_zero'] / mib:.1f} MiB of holes/zeroes not sent),"
+            f" {mrep['passes']} dirty passes",
+            f"final copy at stop:       {final.get('final_bytes', 0) / 1024:.0f} KiB in"
+            f" {final.get('ms', 0):.1f} ms",
+        ]
     for name, ok in rep["checks"].items():
         lines.append(f"  [{'ok' if ok else 'FAIL'}] {name}")
     lines.append("")

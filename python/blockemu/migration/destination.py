@@ -40,6 +40,7 @@ from blockemu.migration.frames import (
     PeerTimeout,
     ProtocolError,
 )
+from blockemu.migration.mirror import MirrorTarget, nbd_listen_address
 from blockemu.migration.ownership import (
     OwnerRecord,
     Records,
@@ -74,8 +75,14 @@ class _Destination:
         ready: Callable[[str], None] | None,
         max_state: int | None,
         records: Records | None,
+        storage: str = "shared",
+        nbd_address: str | None = None,
     ) -> None:
         self.source = machine
+        self.storage = storage
+        self.nbd_address = nbd_address or nbd_listen_address(uri)
+        self.mirror: MirrorTarget | None = None
+        self.timeout = timeout
         self.records_arg = records
         # node name → ownership record path (None: an NBD image without one); set at prepare
         self.records: dict[str, str | None] = {}
@@ -90,7 +97,7 @@ class _Destination:
         self.ch: Channel | None = None
         self.epoch = 0
         self.vm = ""
-        self.report: dict[str, Any] = {"role": "destination"}
+        self.report: dict[str, Any] = {"role": "destination", "storage": storage}
 
     # ------------------------------------------------------------------ helpers
 
@@ -100,8 +107,6 @@ class _Destination:
         assert self.ch is not None
         end = time.monotonic() + timeout
         while True:
-            if self.ch.heartbeat and self.ch.silence() >= self.t.peer_dead:
-                raise PeerLost(f"no frame from the source for {self.t.peer_dead:g} s (heartbeat)")
             left = end - time.monotonic()
             if left <= 0:
                 raise PeerTimeout("timed out")
@@ -111,6 +116,11 @@ class _Destination:
             try:
                 f = self.ch.recv(step)
             except PeerTimeout:
+                # judged only after a read: frames may have waited while this side was busy
+                if self.ch.heartbeat and self.ch.silence() >= self.t.peer_dead:
+                    raise PeerLost(
+                        f"no frame from the source for {self.t.peer_dead:g} s (heartbeat)"
+                    ) from None
                 if step < left:
                     continue
                 raise
@@ -180,7 +190,11 @@ class _Destination:
             self.ch.close()
 
     def _give_up(self) -> None:
-        """D_GONE: nodes inactive, nothing written."""
+        """D_GONE: nodes inactive, nothing written (a mirror's partial copies are emptied)."""
+        if self.mirror is not None:
+            self.mirror.discard()
+            self.mirror = None
+            self.report["discarded"] = True
         if self.m is None:
             return
         try:
@@ -213,6 +227,7 @@ class _Destination:
             images = list(hello["images"])
             devices = dict(hello["devices"])
             self.vm = str(hello.get("vm", ""))
+            storage = str(hello.get("storage", "shared"))
         except (ProtocolError, KeyError, TypeError, ValueError) as e:
             self._send_fail(Msg.REFUSE, f"malformed HELLO: {e}")
             raise _Gone(f"malformed HELLO: {e}", "negotiating", StateError(str(e))) from None
@@ -222,6 +237,12 @@ class _Destination:
         if 1 not in versions:
             self._send_fail(Msg.REFUSE, f"no common protocol version (offered {versions})")
             raise _Gone(f"no common protocol version (offered {versions})", "negotiating")
+        if storage != self.storage:
+            reason = (
+                f"the source migrates with storage={storage!r}, this side expects {self.storage!r}"
+            )
+            self._send_fail(Msg.REFUSE, reason)
+            raise _Gone(reason, "negotiating")
         self.ch.epoch = self.epoch
         self.report["session"] = f.session.hex()
         self.report["epoch_before"] = self.epoch
@@ -232,6 +253,7 @@ class _Destination:
                 assert callable(self.source)
                 self.m = self.source()
             self._prepare(images, devices)
+            offer = self._prepare_mirror(images) if self.storage == "mirror" else None
         except _Gone as g:
             self._send_fail(Msg.PREPARE_FAILED, str(g))
             raise
@@ -240,10 +262,17 @@ class _Destination:
             raise _Gone(f"prepare failed: {e}", "preparing", e) from None
         m = self.m
         m.set_state("inmigrate")
-        self.ch.send(
-            Msg.HELLO_ACK,
-            {"version": 1, "prepared": self._node_counts(), "host": socket.gethostname()},
-        )
+        ack: dict[str, Any] = {
+            "version": 1,
+            "prepared": self._node_counts(),
+            "host": socket.gethostname(),
+        }
+        if offer is not None:
+            ack["mirror"] = offer
+        self.ch.send(Msg.HELLO_ACK, ack)
+        if offer is not None:
+            # the copy takes a while: heartbeats from here show both sides are alive
+            self.ch.start_heartbeat(self.t.heartbeat_interval)
 
         # ---------------------------------------------------------- loading
         self.phases.enter("loading")
@@ -252,9 +281,20 @@ class _Destination:
             ram = sum(d.size for d in m.devices.values() if isinstance(d, GuestMemory))
             limit = 2 * ram + (16 << 20)
         buf = bytearray()
+        mirroring = self.mirror is not None
+        if mirroring:
+            self.phases.enter("mirroring")
         try:
             while True:
-                f = self._recv(self.deadline.cap(self.t.peer_silence + self.t.state_loaded))
+                if mirroring:
+                    # the source copies the disks, then stops the guest and sends the state
+                    f = self._recv(self.t.mirror)
+                    if f.type in (Msg.DEVICE_STATE, Msg.DEVICE_STATE_DONE):
+                        mirroring = False
+                        self.deadline = Deadline(self.timeout)  # the switchover's own budget
+                        self.phases.enter("loading")
+                else:
+                    f = self._recv(self.deadline.cap(self.t.peer_silence + self.t.state_loaded))
                 if f.type == Msg.DEVICE_STATE:
                     if len(buf) + len(f.payload) > limit:
                         raise ProtocolError(f"device state larger than the bound ({limit} bytes)")
@@ -264,7 +304,11 @@ class _Destination:
                     done = f.json()
                     break
                 if f.type == Msg.ABORT:
-                    raise _Gone("the source aborted during the state transfer", "loading")
+                    reason = f.json().get("reason", "")
+                    raise _Gone(
+                        f"the source aborted during the {self.phases.current}: {reason}",
+                        self.phases.current,
+                    )
                 raise ProtocolError(f"unexpected {f.type.name} in the state stream")
             if int(done.get("length", -1)) != len(buf):
                 raise ProtocolError(f"state length {len(buf)} != announced {done.get('length')}")
@@ -328,6 +372,17 @@ class _Destination:
             k: v["writes"] for k, v in self._node_counts().items()
         }
         self._check_untouched("at SOURCE_INACTIVE")
+        if self.mirror is not None:
+            # the source's last mirror writes are flushed: end the export and let go of the
+            # export nodes' write lock, as a shared-storage source does at inactivation
+            try:
+                self.mirror.close()
+            except BlockemuError as e:
+                self._give_up()
+                self._send_fail(Msg.DEST_ACTIVATION_FAILED, f"closing the mirror target: {e}")
+                raise _Gone(f"closing the mirror target failed: {e}", "loaded", e) from None
+            self.report["mirror"] = self.mirror.stats()
+            self.mirror = None
 
         # ---------------------------------------------------------- D_ACTIVATING
         self.phases.enter("activating")
@@ -426,7 +481,11 @@ class _Destination:
         if names != set(nodes):
             raise _Gone(f"image set differs: {sorted(names)} vs {sorted(nodes)}", "preparing")
         node_images = {n: node.name for n, node in nodes.items()}
-        self.records = resolve_records(node_images, self.records_arg)
+        if self.storage == "mirror":
+            # this side's own disks: the source could not read a record here (simple mode)
+            self.records = {n: None for n in nodes}
+        else:
+            self.records = resolve_records(node_images, self.records_arg)
         simple = any(p is None for p in self.records.values())
         self.report["ownership"] = "simple" if simple else "fenced"
         for img in images:
@@ -435,12 +494,17 @@ class _Destination:
                 raise _Gone(
                     f"{img['name']}: destination nodes must be opened active=False", "preparing"
                 )
-            if node.format != img.get("format"):
+            if self.storage != "mirror" and node.format != img.get("format"):
                 raise _Gone(
                     f"{img['name']}: format {node.format} != source's {img.get('format')}",
                     "preparing",
                 )
-            if node.size is not None and img.get("size") is not None and node.size != img["size"]:
+            if (
+                self.storage != "mirror"
+                and node.size is not None
+                and img.get("size") is not None
+                and node.size != img["size"]
+            ):
                 raise _Gone(
                     f"{img['name']}: size {node.size} != source's {img['size']}", "preparing"
                 )
@@ -453,6 +517,25 @@ class _Destination:
                     "preparing",
                 )
         self._check_untouched("prepare")
+
+    def _prepare_mirror(self, images: list[Any]) -> dict[str, Any]:
+        """storage="mirror": empty each target image and export it for the source's copy."""
+        assert self.m is not None
+        nodes = self.m.nodes
+        targets = {}
+        for img in images:
+            size = img.get("size")
+            if not isinstance(size, int) or size <= 0:
+                raise ValueError(f"{img.get('name')}: the source sent no size")
+            targets[str(img["name"])] = (nodes[str(img["name"])], size)
+        self.mirror = MirrorTarget(self.nbd_address)
+        try:
+            offer = self.mirror.prepare(targets)
+        except BaseException:
+            self._give_up()
+            raise
+        self.report["nbd"] = self.mirror.server.address if self.mirror.server else None
+        return offer
 
     def _activate(self, sent: dict[str, Any]) -> str | None:
         m = self.m
@@ -497,9 +580,18 @@ def incoming(
     ready: Callable[[str], None] | None = None,
     max_state: int | None = None,
     records: Records | None = None,
+    storage: str = "shared",
+    nbd_address: str | None = None,
 ) -> dict[str, Any]:
     """Receives a migration on ``uri``. ``records`` maps node names to ownership record paths
-    (the same as the source's). See :mod:`blockemu.migration`."""
+    (the same as the source's). ``storage="mirror"``: the machine's disks are this side's own
+    images, emptied at prepare and filled by the source's mirror through an NBD export on
+    ``nbd_address`` (default: beside ``uri``); a failed migration empties them again.
+    See :mod:`blockemu.migration`."""
+    if storage not in ("shared", "mirror"):
+        raise ValueError("storage is 'shared' or 'mirror'")
+    if storage == "mirror" and records:
+        raise ValueError("ownership records apply to shared storage, not storage='mirror'")
     dst = _Destination(
         machine,
         uri,
@@ -510,5 +602,7 @@ def incoming(
         ready,
         max_state,
         records,
+        storage,
+        nbd_address,
     )
     return dst.run()

@@ -42,6 +42,7 @@ from blockemu.migration.frames import (
     PeerTimeout,
     ProtocolError,
 )
+from blockemu.migration.mirror import MirrorOptions, MirrorSource
 from blockemu.migration.ownership import (
     OwnerRecord,
     Records,
@@ -74,16 +75,29 @@ class _Source:
         on_phase: Callable[[str], None] | None,
         vm: str | None,
         records: Records | None,
+        storage: str = "shared",
+        mirror: MirrorOptions | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.m = machine
-        # node name → ownership record path (None: an NBD image without one, simple mode)
-        self.records = resolve_records(
-            {name: node.name for name, node in machine.iter_nodes()}, records
-        )
+        self.storage = storage
+        self.mirror_opts = mirror or MirrorOptions()
+        self.on_progress = on_progress
+        self.mirror: MirrorSource | None = None
+        if storage == "mirror":
+            # The destination's disks are its own: no record either side could read about the
+            # other's, so an in-doubt source never resolves on its own (simple mode).
+            self.records: dict[str, str | None] = {name: None for name, _ in machine.iter_nodes()}
+        else:
+            # node name → ownership record path (None: an NBD image without one, simple mode)
+            self.records = resolve_records(
+                {name: node.name for name, node in machine.iter_nodes()}, records
+            )
         self.simple = any(p is None for p in self.records.values())
         # an NBD node holds no lock: only the coordinator keeps a single writer
         self.lockless = any(is_lockless(node.name) for _, node in machine.iter_nodes())
         self.uri = uri
+        self.timeout = timeout
         self.deadline = Deadline(timeout)
         self.t = timeouts
         self.full = verify_full
@@ -100,6 +114,7 @@ class _Source:
             "role": "source",
             "session": self.session.hex(),
             "ownership": "simple" if self.simple else "fenced",
+            "storage": storage,
         }
         self.traced: list[Any] = []
         self.dest_geometry: Any = None
@@ -119,10 +134,6 @@ class _Source:
         while True:
             if self._cancelled():
                 raise _Cancel("cancelled by the operator")
-            if self.ch.heartbeat and self.ch.silence() >= self.t.peer_dead:
-                raise PeerLost(
-                    f"no frame from the destination for {self.t.peer_dead:g} s (heartbeat)"
-                )
             left = end - time.monotonic()
             if left <= 0:
                 raise PeerTimeout(f"timed out waiting for {expect[0].name}")
@@ -134,6 +145,11 @@ class _Source:
             try:
                 f = self.ch.recv(step)
             except PeerTimeout:
+                # judged only after a read: frames may have waited while this side was busy
+                if self.ch.heartbeat and self.ch.silence() >= self.t.peer_dead:
+                    raise PeerLost(
+                        f"no frame from the destination for {self.t.peer_dead:g} s (heartbeat)"
+                    ) from None
                 continue
             if f.type in (Msg.PING, Msg.PONG):
                 self.ch.pong(f)
@@ -149,6 +165,8 @@ class _Source:
 
     def _resume(self) -> bool:
         """Back to running with the images it never released (before SOURCE_INACTIVE)."""
+        if self.m.running:
+            return True  # never stopped (a failure while mirroring)
         if self.was_running:
             self.m.start()
         else:
@@ -362,6 +380,9 @@ class _Source:
         try:
             return self._run()
         finally:
+            if self.mirror is not None:
+                self.mirror.cancel()
+                self.mirror = None
             for node in self.traced:
                 if not node.closed:
                     node.disable_trace()
@@ -411,6 +432,7 @@ class _Source:
                     "images": images,
                     "devices": _describe_devices(m),
                     "vcpus": sorted(m.vcpus),
+                    "storage": self.storage,
                 },
             )
             kill_point("src:after_hello")
@@ -421,9 +443,12 @@ class _Source:
         if f.type != Msg.HELLO_ACK:
             reason = f.json().get("reason", "")
             raise self._fail_resume(f"destination answered {f.type.name}: {reason}")
-        self.report["destination"] = f.json().get("prepared", {})
+        ack = f.json()
+        self.report["destination"] = ack.get("prepared", {})
         if self._cancelled():
             raise self._fail_resume("cancelled before stop")
+        if self.storage == "mirror":
+            self._mirror_phase(ack.get("mirror"))
 
         # -------------------------------------------------------------- S_STOPPING
         self.phases.enter("stopping")
@@ -434,6 +459,16 @@ class _Source:
             m.flush(timeout=max(0.0, end - time.monotonic()))
         except (OSError, BlockemuError) as e:
             raise self._fail_resume(f"drain/flush at stop failed: {e}") from e
+        if self.mirror is not None:
+            # the guest is stopped: what is still dirty is the last of the copy
+            t0 = time.monotonic()
+            try:
+                final = self.mirror.complete(max(0.01, self.deadline.cap(self.t.stop)))
+            except (OSError, BlockemuError, TimeoutError) as e:
+                raise self._fail_resume(f"the final mirror pass failed: {e}") from e
+            self.mirror = None
+            final["ms"] = round((time.monotonic() - t0) * 1000, 3)
+            self.report["mirror"]["final"] = final
 
         # -------------------------------------------------------------- S_SENDING_STATE
         self.phases.enter("sending_state")
@@ -541,6 +576,68 @@ class _Source:
         # its ABORT is sent after it released everything, so treat it as definite.
         return self._settle(f"destination aborted: {f.json().get('reason', '')}", definite=True)
 
+    def _mirror_phase(self, offer: Any) -> None:
+        """S_MIRRORING (storage="mirror"): the guest keeps running while each disk is copied to
+        the destination's NBD export and then re-copied where it was dirtied, until the
+        remainder is small. Any failure here leaves the guest running on its own images."""
+        assert self.ch is not None
+        self.phases.enter("mirroring")
+        # heartbeats through the copy: a destination that dies or stalls is noticed in peer_dead
+        self.ch.start_heartbeat(self.t.heartbeat_interval)
+        try:
+            if not isinstance(offer, dict):
+                raise ProtocolError("the destination offered no mirror target")
+            self.mirror = MirrorSource(self.m.nodes, self.uri, offer, self.mirror_opts)
+            prog = self.mirror.wait_ready(self.t.mirror, self._poll_during_mirror, self.on_progress)
+        except (OSError, BlockemuError, ValueError, RuntimeError, PeerLost, ProtocolError) as e:
+            detail = self._mirror_failure(e)
+            raise self._fail_resume(f"mirroring the disks failed: {detail}") from e
+        except _Cancel as e:
+            raise self._fail_resume(f"mirroring the disks: {e}") from e
+        self.report["mirror"] = {
+            k: prog[k]
+            for k in ("bytes_total", "bytes_copied", "bytes_zero", "passes", "dirty_rate")
+        }
+        self.report["mirror"]["converged_after_s"] = round(prog["elapsed"], 3)
+        self.report["mirror"]["throughput"] = round(prog["throughput"])
+        # the switchover has its own time budget, counted from convergence
+        self.deadline = Deadline(self.timeout)
+
+    def _mirror_failure(self, e: BaseException) -> str:
+        if self.mirror is not None:
+            try:
+                prog = self.mirror.progress()
+                self.report["mirror"] = {
+                    k: prog[k] for k in ("bytes_total", "bytes_done", "passes", "state")
+                }
+            except BlockemuError:
+                pass
+            self.mirror.cancel()
+            self.mirror = None
+        return f"{type(e).__name__}: {e}"
+
+    def _poll_during_mirror(self) -> None:
+        """Between progress checks: answer heartbeats, notice a lost or aborting destination
+        and the operator's cancel."""
+        assert self.ch is not None
+        if self._cancelled():
+            raise _Cancel("cancelled by the operator")
+        while True:
+            try:
+                f = self.ch.recv(0.005)
+            except PeerTimeout:
+                if self.ch.silence() >= self.t.peer_dead:
+                    raise PeerLost(
+                        f"no frame from the destination for {self.t.peer_dead:g} s (heartbeat)"
+                    ) from None
+                return
+            if f.type in (Msg.PING, Msg.PONG):
+                self.ch.pong(f)
+                continue
+            if f.type in (Msg.ABORT, Msg.PREPARE_FAILED, Msg.LOAD_FAILED):
+                raise ProtocolError(f"destination sent {f.type.name}: {f.json().get('reason', '')}")
+            raise ProtocolError(f"unexpected {f.type.name} while mirroring")
+
     def _commit(self, f: Frame, cancel_refused: bool) -> dict[str, Any]:
         assert self.ch is not None
         self.ch.try_send(Msg.COMMIT_ACK, {})
@@ -574,12 +671,22 @@ def migrate(
     on_phase: Callable[[str], None] | None = None,
     vm: str | None = None,
     records: Records | None = None,
+    storage: str = "shared",
+    mirror: MirrorOptions | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Migrates ``machine`` to the destination listening on ``uri`` (``tcp:HOST:PORT`` or
     ``unix:PATH``). ``records`` maps node names to ownership record paths (needed for NBD
-    images; give the destination the same). See :mod:`blockemu.migration`."""
+    images; give the destination the same). ``storage="mirror"`` copies the disks to the
+    destination's own images while the guest runs (``mirror`` tunes it, ``on_progress`` gets
+    the copy's progress about ten times a second); ``timeout`` then counts from convergence.
+    See :mod:`blockemu.migration`."""
     if verify not in ("witness", "full"):
         raise ValueError("verify is 'witness' or 'full'")
+    if storage not in ("shared", "mirror"):
+        raise ValueError("storage is 'shared' or 'mirror'")
+    if storage == "mirror" and records:
+        raise ValueError("ownership records apply to shared storage, not storage='mirror'")
     src = _Source(
         machine,
         uri,
@@ -590,5 +697,8 @@ def migrate(
         on_phase,
         vm,
         records,
+        storage,
+        mirror,
+        on_progress,
     )
     return src.run()
