@@ -44,6 +44,21 @@ own: only the ownership record, read under the write lock, can let it reclaim); 
 waiting for SOURCE_INACTIVE gives up (it has read and written nothing); a destination that has
 SOURCE_INACTIVE activates and commits on its own, and after the commit it keeps running.
 
+Without shared storage (``storage="mirror"`` on both :func:`migrate` and :func:`incoming`): the
+destination's machine has disks of its own (local image files of the source's size, opened
+``active=False``; any format). Prepare empties them and exports each over NBD (an
+:class:`~blockemu.NbdServer` beside the migration listener, one random export name per disk, sent
+in HELLO_ACK); the source runs a :class:`~blockemu.MirrorJob` per disk into those exports while
+the guest keeps running (heartbeats from HELLO_ACK on), waits until the dirty remainder has
+converged (:class:`~blockemu.migration.mirror.MirrorOptions`), then stops the guest, copies the
+rest, and hands over exactly as with shared storage: the destination's own disk nodes read and
+write nothing before activation (the mirror writes through separate export nodes, closed before
+activation), and the witness digests check the copy. Every failure before SOURCE_INACTIVE leaves
+the source running on its images and the destination empties its partial copies (the report says
+``discarded``). Ownership records do not apply (neither side could read the other's), so an
+in-doubt source stays paused for an operator, as in simple mode. Why NBD and not the migration
+channel: see :mod:`blockemu.migration.mirror`.
+
 Test hook: ``BLOCKEMU_MIGRATION_KILL_AT=<point>`` SIGKILLs the process at a named point:
 ``src:after_hello``, ``src:mid_state`` (after the first DEVICE_STATE frame),
 ``src:inactivating`` (after the final flush, before the images are released),
@@ -56,11 +71,13 @@ from __future__ import annotations
 from blockemu.migration.common import KILL_ENV, Timeouts
 from blockemu.migration.destination import incoming
 from blockemu.migration.frames import Msg, ProtocolError
+from blockemu.migration.mirror import MirrorOptions
 from blockemu.migration.ownership import OwnerRecord, Records, read_record, read_record_at
 from blockemu.migration.source import migrate
 
 __all__ = [
     "KILL_ENV",
+    "MirrorOptions",
     "Msg",
     "OwnerRecord",
     "ProtocolError",
