@@ -271,10 +271,10 @@ fn raw_commands_flags_and_errnos() {
     c.request(CMD_READ, 0, 102, u64::MAX - 10, 100, &[]); // overflow
     c.request(CMD_READ, 0, 103, 0, (32 << 20) + 1, &[]); // too long for a read
     c.request(42, 0, 104, 0, 0, &[]); // unknown command
-    c.request(CMD_READ, 1 << 9, 105, 0, 512, &[]); // unknown flag
+    c.request(CMD_READ, 2, 105, 0, 512, &[]); // NO_HOLE on a read
     c.request(CMD_WRITE_ZEROES, 2 | 1, 106, 0, 4096, &[]); // NO_HOLE | FUA
     c.request(CMD_TRIM, 0, 107, SIZE - 4096, 8192, &[]); // out of range
-    c.request(CMD_FLUSH, 0, 108, 0, 0, &[]);
+    c.request(CMD_FLUSH, 1, 108, 0, 0, &[]); // FUA is accepted on any command
     for i in 0..32u64 {
         assert_eq!(c.reply(), (0, i));
     }
@@ -565,4 +565,32 @@ fn bad_server_addresses_and_duplicate_exports() {
     let closed = node(512);
     closed.close().unwrap();
     assert!(srv.add_export("c", closed, true).is_err());
+}
+
+#[test]
+fn a_burst_of_large_pipelined_writes_is_served_in_order() {
+    // More payload than a connection queues (64 MiB): the reader waits for the worker.
+    let srv = server(Default::default());
+    let n = node(32 << 20);
+    srv.add_export("", n.clone(), true).unwrap();
+    let mut c = Raw::connect(&srv);
+    c.go("");
+    let mut w = c.s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for i in 0..24u64 {
+            let d = vec![i as u8; 4 << 20];
+            let off = (i % 8) * (4 << 20);
+            w.write_all(&request(CMD_WRITE, i, off, 4 << 20)).unwrap();
+            w.write_all(&d).unwrap();
+        }
+    });
+    for i in 0..24u64 {
+        assert_eq!(c.reply(), (0, i));
+    }
+    sender.join().unwrap();
+    let mut b = vec![0u8; 16];
+    for k in 0..8u64 {
+        n.read(k * (4 << 20), &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == (16 + k) as u8), "chunk {k}");
+    }
 }

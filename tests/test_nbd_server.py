@@ -23,9 +23,7 @@ SIZE = 4 << 20
 
 
 def run(tool: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [require_tool(tool), *args], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([require_tool(tool), *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture
@@ -62,7 +60,7 @@ def source_file(d: Path) -> Path:
 
 
 def test_address_uri_and_info(server: blockemu.NbdServer, target: tuple[str, Path]) -> None:
-    fmt, path = target
+    _, path = target
     node = blockemu.open_image(path)
     uri = server.add_export("disk 0", node)
     if server.address.startswith("tcp:"):
@@ -103,9 +101,7 @@ def test_qemu_io_pattern_and_bench(server: blockemu.NbdServer, target: tuple[str
     _, path = target
     node = blockemu.open_image(path)
     uri = server.add_export("io", node)
-    r = run(
-        "qemu-io", "-f", "raw", "-c", "write -P 0xab 0 64k", "-c", "read -P 0xab 0 64k", uri
-    )
+    r = run("qemu-io", "-f", "raw", "-c", "write -P 0xab 0 64k", "-c", "read -P 0xab 0 64k", uri)
     assert r.returncode == 0 and "fail" not in r.stdout.lower(), r.stdout + r.stderr
     assert node.read(0, 65536) == b"\xab" * 65536
     r = run("qemu-io", "-f", "raw", "-c", "write -z 0 32k", "-c", "discard 32k 32k", uri)

@@ -391,8 +391,8 @@ pub fn errno_of(e: &Error) -> u32 {
 }
 
 impl Session {
-    /// Executes one request. On success of a READ, the data is `readbuf[..len]`. Returns the
-    /// errno of the reply (0 = success). `Err(())` never happens: every failure is an errno.
+    /// Executes one request (never panics; every failure becomes an errno). Returns the errno
+    /// of the reply (0 = success); on success of a READ the data is `readbuf[..len]`.
     pub fn execute(
         &self,
         req: &Request,
@@ -418,10 +418,11 @@ impl Session {
         let node = &self.export.node;
         let (offset, len) = (req.offset, req.len as u64);
         let in_range = offset.checked_add(len).is_some_and(|end| end <= self.size);
+        // FUA is valid on every command once negotiated (ignored where nothing is written);
+        // NO_HOLE only on WRITE_ZEROES; nothing else was negotiated.
         let allowed = match req.cmd {
-            CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
             CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-            _ => 0,
+            _ => CMD_FLAG_FUA,
         };
         if req.flags & !allowed != 0 {
             return EINVAL;
@@ -714,11 +715,14 @@ impl ConnEntry {
     }
 }
 
+/// A connection and its thread (taken when joined).
+type Tracked = (Arc<ConnEntry>, Option<JoinHandle<()>>);
+
 struct Shared {
     opts: ServerOptions,
     closing: AtomicBool,
     exports: RwLock<HashMap<String, Arc<Export>>>,
-    conns: Mutex<Vec<(Arc<ConnEntry>, Option<JoinHandle<()>>)>>,
+    conns: Mutex<Vec<Tracked>>,
     /// Signalled whenever a connection ends.
     ended: Condvar,
     active: AtomicUsize,
@@ -1033,15 +1037,17 @@ impl NbdServer {
     /// at most `grace`, default 5 s), joins every thread and removes the Unix socket file.
     /// Idempotent.
     pub fn close(&self, grace: Option<Duration>) -> Result<()> {
-        let first = !self.shared.closing.swap(true, Ordering::AcqRel);
-        if first {
+        let mut accept = self.accept.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = accept.take() {
             // Wakes a blocked accept (Linux); the accept loop also polls `closing`.
-            // SAFETY: the descriptor stays open until the accept thread drops the listener.
+            // SAFETY: the accept thread owns the listener and drops it (closing the
+            // descriptor) only after it sees `closing`, which we set after this call.
             unsafe { libc::shutdown(self.listen_fd, libc::SHUT_RDWR) };
-        }
-        if let Some(h) = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            self.shared.closing.store(true, Ordering::Release);
             let _ = h.join();
         }
+        self.shared.closing.store(true, Ordering::Release);
+        drop(accept);
         if let Some((path, (dev, ino))) = self
             .listener_path
             .lock()
@@ -1161,6 +1167,46 @@ fn accept_loop(shared: Arc<Shared>, listener: Listener) {
     drop(listener);
 }
 
+/// Write payload bytes read ahead of the worker, per connection.
+const QUEUED_BYTES: usize = 64 << 20;
+
+fn payload_len(req: &Request) -> usize {
+    if req.cmd == CMD_WRITE {
+        req.len as usize
+    } else {
+        0
+    }
+}
+
+/// Bounds the write payloads queued between a connection's reader and worker: the reader
+/// waits while more than [`QUEUED_BYTES`] wait (one request always passes).
+#[derive(Default)]
+struct Budget {
+    state: Mutex<(usize, bool)>,
+    cv: Condvar,
+}
+
+impl Budget {
+    /// Waits for room; false once the worker is gone.
+    fn acquire(&self, n: usize) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !st.1 && st.0 > 0 && st.0 + n > QUEUED_BYTES {
+            st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.0 += n;
+        !st.1
+    }
+    fn release(&self, n: usize) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = st.0.saturating_sub(n);
+        self.cv.notify_all();
+    }
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+}
+
 /// One connection: handshake (bounded in time), then reader (this thread) + worker.
 fn serve_conn(shared: &Shared, entry: &ConnEntry, mut sock: Sock) {
     let lookup = |name: &str| {
@@ -1196,6 +1242,7 @@ fn serve_conn(shared: &Shared, entry: &ConnEntry, mut sock: Sock) {
         return;
     };
     let (tx, rx) = crossbeam_channel::bounded::<(Request, Vec<u8>)>(QUEUE_DEPTH);
+    let budget = Budget::default();
     let (recycle_tx, recycle_rx) = crossbeam_channel::bounded::<Vec<u8>>(QUEUE_DEPTH + 2);
     std::thread::scope(|scope| {
         let worker = std::thread::Builder::new()
@@ -1211,7 +1258,12 @@ fn serve_conn(shared: &Shared, entry: &ConnEntry, mut sock: Sock) {
                         break;
                     }
                     let errno = session.execute(&req, &payload, &mut readbuf, &shared.stats);
-                    let _ = recycle_tx.try_send(payload);
+                    budget.release(payload_len(&req));
+                    // Only small buffers are kept: a burst of 32 MiB writes must not pin
+                    // hundreds of MiB per connection.
+                    if payload.len() <= 4 << 20 {
+                        let _ = recycle_tx.try_send(payload);
+                    }
                     if reply_for(&mut w, &req, errno, &readbuf).is_err()
                         || (rx.is_empty() && w.flush().is_err())
                     {
@@ -1227,6 +1279,7 @@ fn serve_conn(shared: &Shared, entry: &ConnEntry, mut sock: Sock) {
                     let _ = w.flush();
                 }
                 // Whatever ended us, the reader must stop too.
+                budget.close();
                 entry.sock.shutdown(Shutdown::Both);
             });
         let Ok(worker) = worker else {
@@ -1237,7 +1290,7 @@ fn serve_conn(shared: &Shared, entry: &ConnEntry, mut sock: Sock) {
             let mut payload = recycle_rx.try_recv().unwrap_or_default();
             match read_request(&mut r, &mut payload) {
                 Ok(Some(req)) if req.cmd != CMD_DISC => {
-                    if tx.send((req, payload)).is_err() {
+                    if !budget.acquire(payload_len(&req)) || tx.send((req, payload)).is_err() {
                         break;
                     }
                 }
