@@ -49,6 +49,20 @@ class _NodeStats(TypedDict):
     cache_hits: int
     cache_bytes_read: int
 
+class _NbdServerStats(TypedDict):
+    connections: int
+    active_connections: int
+    refused: int
+    requests: int
+    reads: int
+    writes: int
+    bytes_read: int
+    bytes_written: int
+    zero_writes: int
+    trims: int
+    flushes: int
+    errors: int
+
 class _TraceEntry(TypedDict):
     seq: int
     time_ns: int
@@ -151,6 +165,32 @@ def create_image(
     path: str | PathLike[str], size: int, *, format: _Format = "raw", lazy_refcounts: bool = False
 ) -> None: ...
 def image_info(path: str | PathLike[str], *, timeout: float | None = None) -> _ImageInfo: ...
+
+@final
+class NbdServer:
+    """An NBD server exporting BlockNodes: ``NbdServer("tcp:127.0.0.1:0")`` (port 0 =
+    ephemeral; IPv6 as ``tcp:[::1]:0``) or ``NbdServer("unix:/path.sock")``. Requests go
+    through the node, so its lifecycle applies (an inactive node answers EPERM)."""
+
+    def __new__(cls, address: str) -> NbdServer: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+    def add_export(self, name: str, node: BlockNode, *, writable: bool = True) -> str:
+        """Returns the URI a client opens (``nbd://HOST:PORT/NAME`` or
+        ``nbd+unix:///NAME?socket=PATH``)."""
+    def remove_export(self, name: str) -> None: ...
+    def exports(self) -> list[str]: ...
+    def stats(self) -> _NbdServerStats: ...
+    def close(self, timeout: float | None = None) -> None: ...
+    def __enter__(self) -> NbdServer: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...
 
 @final
 class GuestMemory:

@@ -18,6 +18,7 @@
 //!   over NBD is the migration coordinator's job (the node is inactive on the destination).
 
 pub mod proto;
+pub mod server;
 pub mod uri;
 
 use std::collections::HashMap;

@@ -10,6 +10,7 @@ mod geometry;
 mod guest_memory;
 mod ide;
 mod jobs;
+mod nbd_server;
 mod node;
 mod state;
 mod virtio;
@@ -18,6 +19,7 @@ mod virtio;
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     node::register(m)?;
+    nbd_server::register(m)?;
     guest_memory::register(m)?;
     fault::register(m)?;
     jobs::register(m)?;
