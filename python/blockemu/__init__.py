@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from blockemu._core import (
     BlockNode,
+    DirtyBitmap,
     FaultInjector,
     Geometry,
     GuestMemory,
     IdeChannel,
     IdeDisk,
+    MirrorJob,
     VirtioBlk,
     __version__,
     chs_to_lba,
@@ -44,6 +46,7 @@ from blockemu.machine import Machine
 __all__ = [
     "BlockNode",
     "BlockemuError",
+    "DirtyBitmap",
     "FaultInjector",
     "Geometry",
     "GeometryError",
@@ -56,6 +59,7 @@ __all__ = [
     "LockError",
     "Machine",
     "MigrationError",
+    "MirrorJob",
     "OutOfRangeError",
     "ReadOnlyError",
     "StateError",
