@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from blockemu._core import (
     BlockNode,
+    DirtyBitmap,
     FaultInjector,
     Geometry,
     GuestMemory,
     IdeChannel,
     IdeDisk,
+    MirrorJob,
     NbdServer,
     VirtioBlk,
     __version__,
@@ -45,6 +47,7 @@ from blockemu.machine import Machine
 __all__ = [
     "BlockNode",
     "BlockemuError",
+    "DirtyBitmap",
     "FaultInjector",
     "Geometry",
     "GeometryError",
@@ -57,6 +60,7 @@ __all__ = [
     "LockError",
     "Machine",
     "MigrationError",
+    "MirrorJob",
     "NbdServer",
     "OutOfRangeError",
     "ReadOnlyError",

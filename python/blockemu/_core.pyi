@@ -13,12 +13,14 @@ from blockemu.jobs import Job
 __version__: str
 __all__ = [
     "BlockNode",
+    "DirtyBitmap",
     "FaultInjector",
     "Geometry",
     "GuestMemory",
     "IdeChannel",
     "IdeDisk",
     "JobHandle",
+    "MirrorJob",
     "VirtioBlk",
     "__version__",
     "chs_to_lba",
@@ -120,6 +122,15 @@ class BlockNode:
         copy-on-read) are counted in ``cache_hits``/``cache_bytes_read`` only."""
     def cached_blocks(self) -> int | None:
         """4 KiB blocks the caches under this node hold now (None: no cache)."""
+    def add_dirty_bitmap(self, name: str, *, granularity: int = 65536) -> DirtyBitmap:
+        """Adds an enabled dirty bitmap over the node (a power-of-two granularity >= 512; at
+        most 64 bitmaps per node; not persisted). Every write, write_zeroes and discard marks
+        it after the storage answered, success or failure."""
+    def dirty_bitmap(self, name: str) -> DirtyBitmap:
+        """The bitmap named ``name`` (KeyError if there is none)."""
+    def remove_dirty_bitmap(self, name: str) -> None:
+        """Removes a bitmap (KeyError if there is none; ValueError while a mirror owns it)."""
+    def dirty_bitmaps(self) -> list[str]: ...
     def enable_trace(self, capacity: int = 4096) -> None: ...
     def disable_trace(self) -> None: ...
     def trace(self) -> list[_TraceEntry]: ...
@@ -133,6 +144,71 @@ class BlockNode:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool: ...
+
+@final
+class DirtyBitmap:
+    @property
+    def name(self) -> str: ...
+    @property
+    def granularity(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def enabled(self) -> bool: ...
+    def enable(self) -> None: ...
+    def disable(self) -> None: ...
+    def count(self) -> int:
+        """Dirty bytes (dirty granules times the granularity, clipped to the size)."""
+    def is_dirty(self, offset: int) -> bool: ...
+    def ranges(self, offset: int = 0, length: int | None = None) -> list[tuple[int, int]]:
+        """Merged dirty runs as (offset, length), clipped to the window."""
+    def mark(self, offset: int, length: int) -> None: ...
+    def clear(self, offset: int = 0, length: int | None = None) -> None:
+        """Clears a granule-aligned range (or one ending at the end); all by default."""
+    def merge(self, other: DirtyBitmap) -> None: ...
+
+_MirrorState = Literal["bulk", "dirty", "ready", "completing", "completed", "failed", "cancelled"]
+
+class _MirrorProgress(TypedDict):
+    state: _MirrorState
+    bytes_total: int
+    bytes_done: int
+    bytes_copied: int
+    bytes_zero: int
+    passes: int
+    dirty_bytes: int
+    dirty_rate: float
+    throughput: float
+    elapsed: float
+    error: str | None
+
+@final
+class MirrorJob:
+    """Copies a live source node to a target node of the same size (see the README)."""
+
+    def __new__(
+        cls,
+        source: BlockNode,
+        target: BlockNode,
+        *,
+        granularity: int = 65536,
+        chunk_size: int = 1048576,
+        max_in_flight: int = 8,
+        speed: int = 0,
+        converge_bytes: int = 1048576,
+        max_downtime: float | None = None,
+        target_zeroed: bool = False,
+        sparse: bool = True,
+    ) -> MirrorJob: ...
+    @property
+    def bitmap(self) -> str:
+        """The name of the job's own dirty bitmap on the source."""
+    def progress(self) -> _MirrorProgress: ...
+    def wait_ready(self, timeout: float | None = None) -> bool: ...
+    def set_speed(self, bytes_per_second: int) -> None: ...
+    def complete(self, timeout: float | None = None) -> _MirrorProgress: ...
+    def cancel(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 def open_image(
     spec: str | PathLike[str],

@@ -168,6 +168,13 @@ impl Error {
         self
     }
 
+    /// The same error (kind, errno, context) with `prefix: ` in front of its message: where
+    /// it happened, in the words of the layer that saw it.
+    pub fn prefixed(mut self, prefix: impl fmt::Display) -> Self {
+        self.message = format!("{prefix}: {}", self.message);
+        self
+    }
+
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }

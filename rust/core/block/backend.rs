@@ -2,6 +2,24 @@
 
 use crate::Result;
 
+/// What a range of a backend holds, as far as the backend knows without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockStatus {
+    /// Data (or unknown): must be read to know.
+    Data,
+    /// Reads as zeroes (a hole, an unallocated or zero cluster).
+    Zero,
+}
+
+impl BlockStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlockStatus::Data => "data",
+            BlockStatus::Zero => "zero",
+        }
+    }
+}
+
 /// Positional storage: the bottom of every node. Implementations are shared between the
 /// thread that plays the CPU and the job workers, so every method takes `&self`.
 ///
@@ -73,6 +91,14 @@ pub trait Backend: Send + Sync {
     /// Blocks held by the caches in this backend (host cache, copy-on-read), if it has any.
     fn cached_blocks(&self) -> Result<Option<u64>> {
         Ok(None)
+    }
+
+    /// What `offset..offset+len` holds (`len` > 0, inside the backend): the status of the
+    /// byte at `offset` and how many bytes from there (1..=len) share it. A backend reports
+    /// `Zero` only when it knows the bytes read as zeroes; when unsure it says `Data`. The
+    /// default: data for the whole range.
+    fn block_status(&self, _offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
+        Ok((BlockStatus::Data, len))
     }
 
     /// Bytes actually allocated on the storage, where known.

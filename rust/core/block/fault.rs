@@ -458,6 +458,11 @@ impl Backend for FaultInjector {
         self.inner.drop_caches()
     }
 
+    fn block_status(&self, offset: u64, len: u64) -> Result<(super::BlockStatus, u64)> {
+        // The data is the inner backend's: its map is ours (no rule targets a status query).
+        self.inner.block_status(offset, len)
+    }
+
     fn allocated(&self) -> Result<Option<u64>> {
         self.inner.allocated()
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
 use super::backend::write_zeroes_by_writing;
-use super::Backend;
+use super::{Backend, BlockStatus};
 use crate::{Error, Result};
 
 /// Alignment of O_DIRECT transfers. 4 KiB satisfies both 512-byte and 4 KiB-sector storage.
@@ -285,6 +285,33 @@ impl Backend for FileBackend {
         Ok(())
     }
 
+    fn block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
+        let fd = self.file.as_raw_fd();
+        let seek = |whence| {
+            // SAFETY: plain syscall on a valid fd; we use positional I/O only, so moving the
+            // file position disturbs nothing.
+            let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            }
+        };
+        match seek(libc::SEEK_DATA) {
+            Ok(data) if data > offset => Ok((BlockStatus::Zero, (data - offset).min(len))),
+            Ok(_) => match seek(libc::SEEK_HOLE) {
+                Ok(hole) if hole > offset => Ok((BlockStatus::Data, (hole - offset).min(len))),
+                // Raced with a change of the file: say data (never zero for data).
+                _ => Ok((BlockStatus::Data, len)),
+            },
+            // No data from `offset` to the end of the file: a hole (or past the end, which
+            // reads as zeroes too).
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok((BlockStatus::Zero, len)),
+            // SEEK_DATA unsupported (or any other failure): data.
+            Err(_) => Ok((BlockStatus::Data, len)),
+        }
+    }
+
     fn allocated(&self) -> Result<Option<u64>> {
         let meta = self
             .file
@@ -361,6 +388,49 @@ mod tests {
         let mut again = vec![0u8; 5000];
         plain.read_at(&mut again, 100).unwrap();
         assert_eq!(again, pattern);
+    }
+
+    #[test]
+    fn block_status_sees_holes() {
+        let tmp = image(0);
+        let b = FileBackend::open(tmp.path(), false, false).unwrap();
+        let mb = 1u64 << 20;
+        b.resize(8 * mb).unwrap();
+        b.write_at(&vec![1u8; mb as usize], 2 * mb).unwrap();
+        b.write_at(&vec![2u8; 4096], 7 * mb).unwrap();
+        // The first status answers for the whole range or a prefix of it, never beyond.
+        let (s, n) = b.block_status(0, 8 * mb).unwrap();
+        assert!(n >= 1 && n <= 8 * mb);
+        // Walk the file: data must cover the written ranges (a file system without
+        // SEEK_DATA says data everywhere, which is allowed).
+        let mut off = 0;
+        let mut map = Vec::new();
+        while off < 8 * mb {
+            let (st, n) = b.block_status(off, 8 * mb - off).unwrap();
+            assert!(n >= 1 && off + n <= 8 * mb);
+            map.push((off, n, st));
+            off += n;
+        }
+        let status_at = |x: u64| {
+            map.iter()
+                .find(|(o, n, _)| *o <= x && x < o + n)
+                .map(|e| e.2)
+                .unwrap()
+        };
+        for x in [2 * mb, 3 * mb - 1, 7 * mb, 7 * mb + 4095] {
+            assert_eq!(status_at(x), BlockStatus::Data, "offset {x}");
+        }
+        if s == BlockStatus::Zero {
+            // SEEK_DATA works here: the untouched parts are holes.
+            for x in [0, mb, 5 * mb, 8 * mb - 1] {
+                assert_eq!(status_at(x), BlockStatus::Zero, "offset {x}");
+            }
+        }
+        // A length limit is honoured inside data too.
+        assert_eq!(
+            b.block_status(2 * mb, 100).unwrap(),
+            (BlockStatus::Data, 100)
+        );
     }
 
     #[test]

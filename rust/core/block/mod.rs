@@ -4,12 +4,13 @@
 //! (fault injection stacked on any backend),
 //! `qcow2` (the qcow2 format over a backend), `nbd` (an NBD client backend), `shared_store`
 //! and `cor` (caches in front of a backend: the weakly coherent shared-store model and the
-//! copy-on-read overlay), `lock` (QEMU-compatible image locks), `node` (lifecycle, stats,
+//! copy-on-read overlay), `lock` (QEMU-compatible image locks), `dirty` (dirty bitmaps), `node` (lifecycle, stats,
 //! trace), `image` (opening
 //! and creating images).
 
 pub mod backend;
 pub mod cor;
+pub mod dirty;
 pub mod fault;
 pub mod file;
 pub mod image;
@@ -20,8 +21,9 @@ pub mod node;
 pub mod qcow2;
 pub mod shared_store;
 
-pub use backend::Backend;
+pub use backend::{Backend, BlockStatus};
 pub use cor::CorCache;
+pub use dirty::DirtyBitmap;
 pub use fault::{FaultInjector, FaultRules, OpKind};
 pub use file::FileBackend;
 pub use image::{

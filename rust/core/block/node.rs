@@ -12,12 +12,13 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
+use super::dirty::{self, DirtyBitmap};
 use super::lock::{self, LockSet};
-use super::Backend;
+use super::{Backend, BlockStatus};
 use crate::{interrupt, Error, ErrorKind, Result};
 
 /// How writes reach the storage (QEMU's `cache=` modes).
@@ -183,6 +184,9 @@ impl Phase {
 const OPEN: u64 = 1 << 63;
 const INFLIGHT: u64 = OPEN - 1;
 
+/// At most this many dirty bitmaps per node (each write marks every one of them).
+pub const MAX_DIRTY_BITMAPS: usize = 64;
+
 /// How a node is put together.
 pub struct NodeConfig {
     /// What the user named (path or URI); shown in messages.
@@ -217,6 +221,9 @@ pub struct BlockNode {
     counters: Counters,
     trace_on: AtomicBool,
     trace: Mutex<Trace>,
+    /// Number of dirty bitmaps: the write path reads only this when it is 0.
+    bitmap_count: AtomicUsize,
+    bitmaps: RwLock<Vec<Arc<DirtyBitmap>>>,
 }
 
 struct Lifecycle {
@@ -297,6 +304,8 @@ impl BlockNode {
                 next_seq: 0,
                 entries: VecDeque::new(),
             }),
+            bitmap_count: AtomicUsize::new(0),
+            bitmaps: RwLock::new(Vec::new()),
         })
     }
 
@@ -525,6 +534,7 @@ impl BlockNode {
         self.check_writable(Op::Write, offset, len)?;
         self.check_range(Op::Write, offset, len)?;
         let r = self.backend.write_at(data, offset);
+        self.mark_dirty(offset, len);
         self.finish(Op::Write, offset, len, r)?;
         if self.cache.flush_each_write() {
             let r = self.backend.flush();
@@ -555,6 +565,7 @@ impl BlockNode {
         self.check_writable(Op::Discard, offset, len)?;
         self.check_range(Op::Discard, offset, len)?;
         let r = self.backend.discard(offset, len);
+        self.mark_dirty(offset, len);
         self.finish(Op::Discard, offset, len, r)
     }
 
@@ -564,6 +575,7 @@ impl BlockNode {
         self.check_writable(Op::WriteZeroes, offset, len)?;
         self.check_range(Op::WriteZeroes, offset, len)?;
         let r = self.backend.write_zeroes(offset, len);
+        self.mark_dirty(offset, len);
         self.finish(Op::WriteZeroes, offset, len, r)?;
         if self.cache.flush_each_write() {
             let r = self.backend.flush();
@@ -582,10 +594,117 @@ impl BlockNode {
                 self.name
             )));
         }
+        // Held across the resize, so no bitmap can be added meanwhile.
+        let bitmaps = self.bitmaps.read().unwrap_or_else(|p| p.into_inner());
+        if !bitmaps.is_empty() {
+            let names: Vec<&str> = bitmaps.iter().map(|b| b.name()).collect();
+            return Err(Error::invalid(format!(
+                "resize refused: node {:?} has dirty bitmaps {names:?} (a mirror may be in \
+                 progress); remove them first",
+                self.name
+            )));
+        }
         self.backend.resize(new_size)?;
         self.size.store(new_size, Ordering::Release);
         self.size_known.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Marks every enabled dirty bitmap after a write-like operation returned (whatever its
+    /// outcome). One atomic load when the node has no bitmap.
+    fn mark_dirty(&self, offset: u64, len: u64) {
+        if self.bitmap_count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let bitmaps = self.bitmaps.read().unwrap_or_else(|p| p.into_inner());
+        for b in bitmaps.iter() {
+            b.note_write(offset, len);
+        }
+    }
+
+    /// Adds an enabled, clean dirty bitmap named `name` over the node's current size.
+    /// Refused on a closed node, on a node whose size is not known yet, for a name in use,
+    /// and beyond [`MAX_DIRTY_BITMAPS`].
+    pub fn add_dirty_bitmap(&self, name: &str, granularity: u64) -> Result<Arc<DirtyBitmap>> {
+        dirty::check_name(name)?;
+        dirty::check_granularity(granularity)?;
+        let mut bitmaps = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+        let size = self.size()?.ok_or_else(|| {
+            Error::inactive(format!(
+                "node {:?} does not know its size yet: activate it before adding a dirty bitmap",
+                self.name
+            ))
+        })?;
+        if bitmaps.iter().any(|b| b.name() == name) {
+            return Err(Error::invalid(format!(
+                "node {:?} already has a dirty bitmap named {name:?}",
+                self.name
+            )));
+        }
+        if bitmaps.len() >= MAX_DIRTY_BITMAPS {
+            return Err(Error::invalid(format!(
+                "node {:?} has {MAX_DIRTY_BITMAPS} dirty bitmaps already (the limit)",
+                self.name
+            )));
+        }
+        let bitmap = Arc::new(DirtyBitmap::new(name, size, granularity)?);
+        bitmaps.push(bitmap.clone());
+        self.bitmap_count.store(bitmaps.len(), Ordering::Release);
+        Ok(bitmap)
+    }
+
+    /// The dirty bitmap named `name`.
+    pub fn dirty_bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        let bitmaps = self.bitmaps.read().unwrap_or_else(|p| p.into_inner());
+        bitmaps.iter().find(|b| b.name() == name).cloned()
+    }
+
+    /// The names of the node's dirty bitmaps, oldest first.
+    pub fn dirty_bitmaps(&self) -> Vec<String> {
+        let bitmaps = self.bitmaps.read().unwrap_or_else(|p| p.into_inner());
+        bitmaps.iter().map(|b| b.name().to_string()).collect()
+    }
+
+    /// Removes the dirty bitmap named `name` (it stops being marked); `Ok(None)` when there
+    /// is none. Refused for a bitmap a mirror job owns.
+    pub fn remove_dirty_bitmap(&self, name: &str) -> Result<Option<Arc<DirtyBitmap>>> {
+        let mut bitmaps = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = bitmaps.iter().position(|b| b.name() == name) else {
+            return Ok(None);
+        };
+        if bitmaps[i].is_busy() {
+            return Err(Error::invalid(format!(
+                "cannot remove dirty bitmap {name:?}: it is in use by a mirror job"
+            )));
+        }
+        let b = bitmaps.remove(i);
+        self.bitmap_count.store(bitmaps.len(), Ordering::Release);
+        Ok(Some(b))
+    }
+
+    /// Removes this very bitmap (a job's own, busy or not); false if it is gone already.
+    pub(crate) fn detach_dirty_bitmap(&self, bitmap: &Arc<DirtyBitmap>) -> bool {
+        let mut bitmaps = self.bitmaps.write().unwrap_or_else(|p| p.into_inner());
+        let Some(i) = bitmaps.iter().position(|b| Arc::ptr_eq(b, bitmap)) else {
+            return false;
+        };
+        bitmaps.remove(i);
+        self.bitmap_count.store(bitmaps.len(), Ordering::Release);
+        true
+    }
+
+    /// What `offset..offset+len` holds (data or zeroes) and how many bytes from `offset`
+    /// share that status (the backend's knowledge: holes, unallocated clusters). Refused like
+    /// a read on an inactive node; counted nowhere (it reads no data).
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<(BlockStatus, u64)> {
+        let _in = self.enter(Op::Read, offset, len)?;
+        self.check_range(Op::Read, offset, len)?;
+        if len == 0 {
+            return Err(Error::invalid("block_status of 0 bytes"));
+        }
+        let (status, n) = self.backend.block_status(offset, len)?;
+        // Whatever a backend answers, never claim more than asked, never 0 bytes.
+        Ok((status, n.clamp(1, len)))
     }
 
     /// Lets the format write back its metadata, clear its dirty bit (a read-only node has

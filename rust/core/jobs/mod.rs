@@ -6,6 +6,7 @@
 
 mod io_pool;
 mod job;
+mod mirror;
 mod once;
 mod owner;
 mod pool;
@@ -13,6 +14,9 @@ mod prefetch;
 
 pub use io_pool::IoPool;
 pub use job::{Job, JobState};
+pub use mirror::{
+    MirrorConfig, MirrorJob, MirrorProgress, MirrorState, MAX_CHUNK, MAX_IN_FLIGHT, MIN_CHUNK,
+};
 pub use once::OnceJob;
 pub use owner::{Owner, Ticket};
 pub use pool::WorkerPool;

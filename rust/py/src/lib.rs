@@ -11,6 +11,7 @@ mod guest_memory;
 mod ide;
 mod jobs;
 mod nbd_server;
+mod mirror;
 mod node;
 mod state;
 mod virtio;
@@ -27,5 +28,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     ide::register(m)?;
     virtio::register(m)?;
     state::register(m)?;
+    mirror::register(m)?;
     Ok(())
 }

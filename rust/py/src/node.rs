@@ -15,6 +15,7 @@ use crate::convert::{ByteView, NonNeg};
 use crate::errors::{detach_interruptible, to_py, IntoPyResult};
 use crate::fault::PyFaultInjector;
 use crate::jobs;
+use crate::mirror::{self, PyDirtyBitmap};
 
 /// A disk image with its lifecycle (active/inactive), lock, stats and trace.
 #[pyclass(frozen, name = "BlockNode", module = "blockemu")]
@@ -253,6 +254,27 @@ impl PyBlockNode {
     /// Blocks held by the caches under this node (host cache, copy-on-read); None without.
     fn cached_blocks(&self) -> PyResult<Option<u64>> {
         self.inner.cached_blocks().py_err()
+    }
+
+    /// Adds an enabled dirty bitmap (marked by every write, write_zeroes and discard).
+    #[pyo3(signature = (name, *, granularity=NonNeg(65536)), text_signature = "($self, name, *, granularity=65536)")]
+    fn add_dirty_bitmap(&self, name: &str, granularity: NonNeg) -> PyResult<PyDirtyBitmap> {
+        mirror::add_dirty_bitmap(&self.inner, name, granularity)
+    }
+
+    /// The dirty bitmap named `name` (KeyError if there is none).
+    fn dirty_bitmap(&self, name: &str) -> PyResult<PyDirtyBitmap> {
+        mirror::dirty_bitmap(&self.inner, name)
+    }
+
+    /// Removes the dirty bitmap named `name` (KeyError if there is none).
+    fn remove_dirty_bitmap(&self, name: &str) -> PyResult<()> {
+        mirror::remove_dirty_bitmap(&self.inner, name)
+    }
+
+    /// The names of the node's dirty bitmaps, oldest first.
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        self.inner.dirty_bitmaps()
     }
 
     /// Keeps the last `capacity` operations in a trace (0 turns tracing off).
