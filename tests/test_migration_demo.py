@@ -46,3 +46,25 @@ def test_demo_text(tmp_path: Path) -> None:
     for needle in ("phases:", "downtime:", "reads before activation:  0", "geometry carried:"):
         assert needle in out
     assert "[FAIL]" not in out and out.rstrip().endswith("PASS")
+
+
+def test_demo_mirror_json(tmp_path: Path) -> None:
+    """``--storage mirror``: own images on each side, copied while the guest runs."""
+    r = run("demo", "--dir", str(tmp_path), "--storage", "mirror", "--disk-size", "32M", "--json")
+    assert r.returncode == 0, r.stderr + r.stdout
+    rep = json.loads(r.stdout)
+    assert rep["ok"] and all(rep["checks"].values()), rep["checks"]
+    assert rep["storage"] == "mirror"
+    names = [p["name"] for p in rep["phases"]]
+    assert names[:4] == ["connecting", "preparing", "mirroring", "stopping"]
+    assert rep["mirror"]["bytes_total"] >= 2 * (32 << 20)
+    assert set(rep["reads_before_activation"].values()) == {0}
+    assert (tmp_path / "dest-disk-ide.img").exists()
+
+
+def test_demo_mirror_shows_progress(tmp_path: Path) -> None:
+    """Without tqdm (or without a terminal) the progress is plain text on stderr."""
+    r = run("demo", "--dir", str(tmp_path), "--storage", "mirror", "--disk-size", "32M")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "mirror" in r.stderr
+    assert "mirrored:" in r.stdout and r.stdout.rstrip().endswith("PASS")

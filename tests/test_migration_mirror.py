@@ -142,6 +142,7 @@ def assert_discarded(dst_img: Path, size: int) -> None:
 
 def assert_source_intact(res: dict[str, Any], phase: str) -> None:
     assert res["ok"] is False, res
+    assert "crash" not in res, res["crash"]
     assert res["error"]["phase"] == phase, res["error"]
     assert res["error"]["source_resumed"] is True, res["error"]
     assert res["running_after"] is True
@@ -166,7 +167,7 @@ def test_mirror_256mib_while_the_guest_writes(tmp_path: Path) -> None:
     rep, drep = rs["report"], rd["report"]
     assert rep["storage"] == "mirror" and drep["storage"] == "mirror"
     mirror = rep["mirror"]
-    assert mirror["bytes_total"] == size
+    assert mirror["bytes_total"] >= size  # grows with what the dirty passes re-copy
     # the holes (odd regions) were not sent as data
     assert mirror["bytes_zero"] >= size // 2 - 16 * MiB, mirror
     assert mirror["bytes_copied"] <= size // 2 + 32 * MiB, mirror

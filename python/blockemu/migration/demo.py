@@ -44,6 +44,7 @@ __all__ = ["main", "run_demo", "write_mbr"]
 DISK_SIZE = 16 << 20
 MIRROR_DISK_SIZE = 256 << 20
 RAM_SIZE = 2 << 20
+WL_BASE, WL_SPAN = 4096, 256  # the sectors the demo's guest writes
 
 
 def write_mbr(path: str | os.PathLike[str], size: int, *, heads: int = 16, secs: int = 63) -> None:
@@ -89,7 +90,7 @@ def _peer(cfg: dict[str, Any]) -> dict[str, Any]:
     m.add("vblk0", vb)
     ata = AtaDriver(ch, timeout=10.0)
     vdrv = VirtioBlkDriver(vb, ram, queue_size=64, timeout=10.0)
-    wl = GuestWorkload(ata=ata, virtio=vdrv, base=4096, span=256, ack_log=cfg["ack_log"])
+    wl = GuestWorkload(ata=ata, virtio=vdrv, base=WL_BASE, span=WL_SPAN, ack_log=cfg["ack_log"])
     timeouts = Timeouts().scaled(0.2)
     out: dict[str, Any] = {"role": cfg["role"]}
     if source:
@@ -116,7 +117,7 @@ def _peer(cfg: dict[str, Any]) -> dict[str, Any]:
             cfg["uri"],
             timeout=20.0,
             timeouts=replace(timeouts, mirror=600.0),
-            verify="full",
+            verify=cfg.get("verify", "full"),
             storage=storage,
             mirror=MirrorOptions(speed=int(cfg.get("speed", 0))),
             on_progress=progress if storage == "mirror" else None,
@@ -265,6 +266,26 @@ def _fill(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+def _same_outside(a: Path, b: Path, hole: tuple[int, int]) -> bool:
+    """Whether two images are equal everywhere but in ``hole`` (the guest, which kept running
+    on the destination, writes only there; read back through the drivers instead)."""
+    step = 4 << 20
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        off = 0
+        while True:
+            x, y = fa.read(step), fb.read(step)
+            if not x and not y:
+                return True
+            if x != y:
+                lo, hi = max(hole[0] - off, 0), min(hole[1] - off, len(x))
+                if lo < hi:
+                    x = x[:lo] + x[hi:]
+                    y = y[:lo] + y[hi:]
+                if x != y:
+                    return False
+            off += step
+
+
 def run_demo(
     directory: str | None = None,
     transport: str = "tcp",
@@ -321,6 +342,9 @@ def run_demo(
     base["ack_log"] = str(ack_log)
     base["storage"] = storage
     base["speed"] = speed
+    # mirror: the whole-image digest of 256 MiB disks would dominate the downtime; the demo
+    # compares the images itself afterwards (below)
+    base["verify"] = "witness" if mirror else "full"
     dst_cfg = {**base, "ide": str(dst_images["ide"]), "virtio": str(dst_images["virtio"])}
     dst = _spawn({**dst_cfg, "role": "destination", "ready_file": str(ready)}, workdir)
     deadline = time.monotonic() + 30
@@ -366,7 +390,8 @@ def run_demo(
         "one write-lock holder at a time": all(v <= 1 for v in max_holders.values()),
         "every acknowledged write read back on the destination": rd["checked"]["ide"] > 0
         and rd["checked"]["virtio"] > 0,
-        "whole-image digests equal": True,  # verify="full": the destination checked them
+        # verify="full": the destination checked them at activation (mirror: compared below)
+        "whole-image digests equal": True,
         "geometry carried in the stream": srep["geometry"] == drep["geometry"]
         and all(g is not None for g in drep["geometry"].values()),
         "partition table intact": rs["mbr_ide"] == rd["mbr_ide"]
@@ -376,9 +401,14 @@ def run_demo(
         ),
     }
     if mirror:
+        del checks["whole-image digests equal"]
+        checks["destination images equal the source's outside the guest's write area"] = all(
+            _same_outside(images[k], dst_images[k], (WL_BASE * 512, (WL_BASE + WL_SPAN) * 512))
+            for k in images
+        )
         mrep = srep.get("mirror", {})
         checks["disks copied while the guest ran, then the dirty rest"] = (
-            mrep.get("bytes_total", 0) == 2 * size and "final" in mrep
+            mrep.get("bytes_total", 0) >= 2 * size and "final" in mrep
         )
         checks["holes not sent as data"] = mrep.get("bytes_zero", 0) > 0
     return {

@@ -275,7 +275,8 @@ class _Destination:
             self.ch.start_heartbeat(self.t.heartbeat_interval)
 
         # ---------------------------------------------------------- loading
-        self.phases.enter("loading")
+        if self.mirror is None:
+            self.phases.enter("loading")
         limit = self.max_state
         if limit is None:
             ram = sum(d.size for d in m.devices.values() if isinstance(d, GuestMemory))

@@ -96,7 +96,7 @@ class MirrorTarget:
         self.server: NbdServer | None = None
         self.exports: dict[str, BlockNode] = {}  # image name → its export node
         self.paths: dict[str, tuple[str, str, int]] = {}  # image name → (path, format, size)
-        self.closed_stats: dict[str, int] = {}
+        self.closed_stats: dict[str, Any] = {}
 
     def prepare(self, images: dict[str, tuple[BlockNode, int]]) -> dict[str, Any]:
         """Empties each target image (``images``: name → (the guest's inactive node, the
@@ -118,7 +118,7 @@ class MirrorTarget:
         else:
             out["port"] = int(rest.rpartition(":")[2])
         for name, (path, fmt, size) in self.paths.items():
-            export = open_image(path, format=fmt, active=True)
+            export = open_image(path, format="qcow2" if fmt == "qcow2" else "raw", active=True)
             if export.size != size:
                 export.close()
                 raise ValueError(f"{name}: target size {export.size} != source's {size}")
@@ -129,16 +129,16 @@ class MirrorTarget:
         out["zeroed"] = True
         return out
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         if self.server is None:
             return dict(self.closed_stats)
-        return self.server.stats()
+        return dict(self.server.stats())
 
     def close(self) -> None:
         """Ends the export: disconnects the source, flushes and closes the export nodes (their
         write lock goes, as a shared-storage source's does at inactivation)."""
         if self.server is not None:
-            self.closed_stats = self.server.stats()
+            self.closed_stats = dict(self.server.stats())
             self.server.close(timeout=10.0)
             self.server = None
         errors = []
@@ -284,9 +284,16 @@ class MirrorSource:
                     job.wait_ready(min(interval, max(0.0, left)))
                     break
 
+    def flush_targets(self) -> None:
+        """Makes what was copied so far durable on the destination while the guest still runs,
+        so that the flush at the stop only covers the last few blocks."""
+        for target in self.targets:
+            target.flush()
+
     def complete(self, timeout: float) -> dict[str, Any]:
         """The guest is stopped: copy what is still dirty, flush the targets, end the jobs."""
         end = time.monotonic() + timeout
+        before = sum(job.progress()["bytes_done"] for job in self.jobs.values())
         finals = {}
         for name, job in self.jobs.items():
             finals[name] = job.complete(max(0.001, end - time.monotonic()))
@@ -294,7 +301,7 @@ class MirrorSource:
             target.close()
         self.targets = []
         return {
-            "final_bytes": sum(p["bytes_done"] for p in finals.values()),
+            "final_bytes": sum(p["bytes_done"] for p in finals.values()) - before,
             "bytes_copied": sum(p["bytes_copied"] for p in finals.values()),
             "bytes_zero": sum(p["bytes_zero"] for p in finals.values()),
             "passes": max((p["passes"] for p in finals.values()), default=0),
@@ -305,13 +312,11 @@ class MirrorSource:
         for job in self.jobs.values():
             try:
                 job.cancel()
-            except BlockemuError:
+            except (BlockemuError, OSError):
                 pass
-        for target in self.targets:
-            try:
-                target.close()
-            except BlockemuError:
-                pass
+        # Not closed here: a close would wait for a request stuck on a stalled destination.
+        # The jobs hold their own references; the NBD connections go when the last one ends.
+        self.jobs = {}
         self.targets = []
 
 

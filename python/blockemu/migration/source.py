@@ -588,7 +588,14 @@ class _Source:
             if not isinstance(offer, dict):
                 raise ProtocolError("the destination offered no mirror target")
             self.mirror = MirrorSource(self.m.nodes, self.uri, offer, self.mirror_opts)
+            t_end = time.monotonic() + self.t.mirror
             prog = self.mirror.wait_ready(self.t.mirror, self._poll_during_mirror, self.on_progress)
+            # write the copy back on the destination now, not during the downtime; then the
+            # remainder has converged again (the guest kept writing meanwhile)
+            self.mirror.flush_targets()
+            prog = self.mirror.wait_ready(
+                max(0.0, t_end - time.monotonic()), self._poll_during_mirror, self.on_progress
+            )
         except (OSError, BlockemuError, ValueError, RuntimeError, PeerLost, ProtocolError) as e:
             detail = self._mirror_failure(e)
             raise self._fail_resume(f"mirroring the disks failed: {detail}") from e
