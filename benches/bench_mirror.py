@@ -134,7 +134,7 @@ def same(a: Path, b: Path) -> bool:
 
 # ---------------------------------------------------------------------- downtime
 
-RAM = 1 * MiB
+RAM = 4 * MiB
 
 
 def _machine(path: str, active: bool) -> tuple[Machine, GuestWorkload]:
@@ -149,12 +149,12 @@ def _machine(path: str, active: bool) -> tuple[Machine, GuestWorkload]:
     wl = GuestWorkload(
         virtio=drv, base=2048, span=size // 512 - 2048, stride=128, scatter=True, rate=20 * MiB
     )
-    m.add_vcpu("cpu0", wl)
     return m, wl
 
 
 def _destination(path: str, uri: str, conn: Any) -> None:
     m, wl = _machine(path, active=False)
+    m.add_vcpu("cpu0", wl)
     rep = incoming(m, uri, timeout=60, ready=lambda _: conn.send("ready"), storage="mirror")
     wl.pause()
     m.stop()
@@ -178,12 +178,15 @@ def one_downtime(tmp: Path, run_for: float) -> dict[str, Any]:
         m, wl = _machine(str(src), active=True)
         m.start()
         assert wl.virtio is not None
-        wl.virtio.probe()
+        wl.virtio.probe()  # the guest driver sets the device up, then the workload runs
+        m.add_vcpu("cpu0", wl)
         wl.resume()
         time.sleep(run_for)
         t0 = time.monotonic()
         rep = migrate(m, uri, timeout=60, timeouts=Timeouts(mirror=600), storage="mirror")
         rep["wall_s"] = time.monotonic() - t0
+        if wl.error is not None:
+            raise RuntimeError(f"the guest failed: {wl.error!r}")
         rep["guest_bytes_per_s"] = wl.seq * 128 * 512 / (run_for + rep["wall_s"])
         parent.recv()
         for _, node in m.iter_nodes():
