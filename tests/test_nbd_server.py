@@ -186,7 +186,12 @@ def test_remove_export_disconnects_clients(server: blockemu.NbdServer) -> None:
         client.close()  # its final flush finds no export
 
 
+def threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
 def test_close_is_idempotent_and_frees_the_port() -> None:
+    before = threads()
     srv = blockemu.NbdServer("tcp:127.0.0.1:0")
     node = blockemu.memory_node(SIZE)
     uri = srv.add_export("x", node)
@@ -203,6 +208,7 @@ def test_close_is_idempotent_and_frees_the_port() -> None:
         s.bind(("127.0.0.1", port))
     with contextlib.suppress(OSError):
         client.close()  # its final flush finds no server
+    assert threads() <= before  # accept, connection and worker threads all joined
 
 
 def test_context_manager_and_unix_socket_removed(sdir: Path) -> None:

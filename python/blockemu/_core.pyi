@@ -19,6 +19,7 @@ __all__ = [
     "IdeChannel",
     "IdeDisk",
     "JobHandle",
+    "NbdServer",
     "VirtioBlk",
     "__version__",
     "chs_to_lba",
