@@ -167,6 +167,18 @@ def test_inactive_node_answers_eperm(server: blockemu.NbdServer, sdir: Path) -> 
     assert client.read(0, 512) == b"y" * 512
     client.close()
     node.close()
+    # An inactive qcow2 node does not know its size yet: the export is refused (EACCES).
+    qpath = sdir / "d.qcow2"
+    blockemu.create_image(qpath, SIZE, format="qcow2")
+    qnode = blockemu.open_image(qpath, format="qcow2", active=False)
+    assert qnode.size is None
+    quri = server.add_export("q", qnode)
+    with pytest.raises(PermissionError):
+        blockemu.open_image(quri, format="raw", timeout=5)
+    qnode.activate()
+    with blockemu.open_image(quri, format="raw", timeout=5) as qclient:
+        assert qclient.size == SIZE
+    qnode.close()
 
 
 def test_remove_export_disconnects_clients(server: blockemu.NbdServer) -> None:
