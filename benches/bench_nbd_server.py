@@ -56,7 +56,8 @@ def main() -> None:
         shutil.copyfile(ours_img, theirs_img)
         pidfile = os.path.join(tmp, "pid")
         qsock = os.path.join(tmp, "q.sock")
-        qemu_nbd = ["qemu-nbd", "--fork", "--persistent", "--shared=4", "-f", "raw", "-x", "exp"]
+        qemu_nbd = ["qemu-nbd", "--fork", "--persistent", "--shared=4", "--cache=writeback"]
+        qemu_nbd += ["-f", "raw", "-x", "exp"]
         subprocess.run([*qemu_nbd, "--pid-file", pidfile, "-k", qsock, theirs_img], check=True)
         while not os.path.exists(pidfile) or not open(pidfile).read().strip():
             time.sleep(0.01)

@@ -167,6 +167,18 @@ def test_inactive_node_answers_eperm(server: blockemu.NbdServer, sdir: Path) -> 
     assert client.read(0, 512) == b"y" * 512
     client.close()
     node.close()
+    # An inactive qcow2 node does not know its size yet: the export is refused (EACCES).
+    qpath = sdir / "d.qcow2"
+    blockemu.create_image(qpath, SIZE, format="qcow2")
+    qnode = blockemu.open_image(qpath, format="qcow2", active=False)
+    assert qnode.size is None
+    quri = server.add_export("q", qnode)
+    with pytest.raises(PermissionError):
+        blockemu.open_image(quri, format="raw", timeout=5)
+    qnode.activate()
+    with blockemu.open_image(quri, format="raw", timeout=5) as qclient:
+        assert qclient.size == SIZE
+    qnode.close()
 
 
 def test_remove_export_disconnects_clients(server: blockemu.NbdServer) -> None:
@@ -186,7 +198,12 @@ def test_remove_export_disconnects_clients(server: blockemu.NbdServer) -> None:
         client.close()  # its final flush finds no export
 
 
+def threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
 def test_close_is_idempotent_and_frees_the_port() -> None:
+    before = threads()
     srv = blockemu.NbdServer("tcp:127.0.0.1:0")
     node = blockemu.memory_node(SIZE)
     uri = srv.add_export("x", node)
@@ -203,6 +220,7 @@ def test_close_is_idempotent_and_frees_the_port() -> None:
         s.bind(("127.0.0.1", port))
     with contextlib.suppress(OSError):
         client.close()  # its final flush finds no server
+    assert threads() <= before  # accept, connection and worker threads all joined
 
 
 def test_context_manager_and_unix_socket_removed(sdir: Path) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "IdeDisk",
     "JobHandle",
     "MirrorJob",
+    "NbdServer",
     "VirtioBlk",
     "__version__",
     "chs_to_lba",
