@@ -238,6 +238,21 @@ def test_source_io_error_during_copy(tmp_path: Path) -> None:
     assert_discarded(dst_img, FAULT_SIZE)
 
 
+def test_guest_write_error_during_copy(tmp_path: Path) -> None:
+    """A write error the guest sees (IOERR) while the disk is being copied: that write is not
+    acknowledged, the copy goes on, and the destination still matches the model."""
+    size = 32 * MiB
+    src, dst, _, dst_img = pair_cfg(tmp_path, size, rate=1 * MiB, mirror={"speed": 16 * MiB})
+    src["fault"] = {"device": "virtio", "arm_at": "mirroring", "op": "write", "n": 3}
+    s, d = _start(tmp_path, src, dst)
+    rs, rd = s.result(60), d.result(60)
+    assert rs.get("ok"), rs
+    assert "IOERR" in rs.get("guest_error", "") or "status 1" in rs.get("guest_error", ""), rs
+    assert rd.get("ok"), rd
+    acked = [(int(lba), int(seq)) for lba, seq in rd["acked"]["virtio"]]
+    check_model(dst_img, size, acked)
+
+
 def test_cancel_mid_copy(tmp_path: Path) -> None:
     src, dst, _, dst_img = pair_cfg(tmp_path, FAULT_SIZE, rate=1 * MiB, mirror=SLOW)
     src["cancel_file"] = str(tmp_path / "cancel")
