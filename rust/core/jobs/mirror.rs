@@ -642,8 +642,16 @@ impl Controller {
     }
 
     fn run(mut self) {
-        let outcome = self.main();
         let s = self.s.clone();
+        // A bug here must end the job (failed), never leave its waiters waiting.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.main()))
+            .unwrap_or_else(|_| {
+                s.fail(
+                    &mut lock(&s.st),
+                    Error::new(ErrorKind::Io, "the mirror controller panicked"),
+                );
+                MirrorState::Failed
+            });
         // Let every copy in flight finish (they hold the nodes; they end on their own).
         let mut st = lock(&s.st);
         while !st.in_flight.is_empty() {
