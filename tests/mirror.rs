@@ -113,6 +113,7 @@ fn mirror_under_writes(source: Arc<BlockNode>, target: Arc<BlockNode>, config: M
     let p = job.complete(LONG).unwrap();
     eprintln!("before complete: {before:?}\nafter: {p:?}");
     assert!(p.passes >= 1, "dirty passes ran: {p:?}");
+    assert!(before.dirty_rate > 0.0, "the writer dirtied: {before:?}");
     assert_eq!(p.state, MirrorState::Completed);
     assert_eq!(p.bytes_done, p.bytes_total);
     assert!(source.dirty_bitmaps().is_empty());

@@ -165,7 +165,7 @@ def test_mirror_to_a_qemu_nbd_export(tmp_path: Path) -> None:
     blockemu.create_image(target_file, size)
     # Stale data on the target: zero regions of the source must be written as zeroes.
     target_file.write_bytes(b"\xee" * size)
-    server = QemuNbd(qemu_nbd, target_file, extra=("-t", "--cache=none"))
+    server = QemuNbd(qemu_nbd, target_file)
     try:
         blockemu.create_image(tmp_path / "src.img", size)
         with blockemu.open_image(tmp_path / "src.img") as src:

@@ -897,10 +897,12 @@ impl Controller {
         if dt <= 0.0 && !force {
             return;
         }
-        let dirty = s.bitmap.count() + self.pending.map_or(0, |w| w.len);
+        let in_bitmap = s.bitmap.count();
+        let dirty = in_bitmap + self.pending.map_or(0, |w| w.len);
         if dt > 0.0 {
             let alpha = 1.0 - (-dt / SMOOTHING).exp();
-            let dirtied = (dirty + self.taken_since_tick).saturating_sub(self.last_dirty);
+            // Newly dirtied = what the bitmap gained plus what we took out of it meanwhile.
+            let dirtied = (in_bitmap + self.taken_since_tick).saturating_sub(self.last_dirty);
             st.dirty_rate += (dirtied as f64 / dt - st.dirty_rate) * alpha;
             let worked = s.bytes_worked.load(Ordering::Relaxed);
             let busy = self.busy_since_tick.as_secs_f64();
@@ -916,7 +918,7 @@ impl Controller {
             }
         }
         self.last_tick = now;
-        self.last_dirty = dirty;
+        self.last_dirty = in_bitmap;
         self.taken_since_tick = 0;
         st.dirty_bytes = dirty;
         if !self.bulk_done {
