@@ -156,6 +156,8 @@ fn max_downtime_makes_a_busy_job_ready() {
     let size = 8 * MIB;
     let (a, b) = (mem(size), mem(size));
     fill(&a, 3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(a.clone(), stop.clone(), 5);
     let job = MirrorJob::start(
         a.clone(),
         b.clone(),
@@ -167,6 +169,8 @@ fn max_downtime_makes_a_busy_job_ready() {
     )
     .unwrap();
     assert!(job.wait_ready(LONG).unwrap());
+    stop.store(true, Ordering::Release);
+    w.join().unwrap();
     let p = job.complete(LONG).unwrap();
     assert!(p.throughput > 0.0, "{p:?}");
     assert!(same(&a, &b));
