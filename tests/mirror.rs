@@ -532,3 +532,35 @@ fn qcow2_source_mirrors_sparsely() {
     assert!(p.bytes_copied <= 2 * MIB, "{p:?}");
     assert!(same(&src, &dst));
 }
+
+/// A stalled target: cancel returns at once, wait times out (no hang), and once the storage
+/// answers again the copies in flight finish and the job ends cancelled.
+#[test]
+fn cancel_with_a_stalled_target_never_hangs() {
+    let size = 8 * MIB;
+    let source = mem(size);
+    fill(&source, 2);
+    let rules = Arc::new(FaultRules::new());
+    let target = Arc::new(
+        memory_node(size, false, |b| {
+            Arc::new(FaultInjector::new(b, rules.clone())) as Arc<dyn Backend>
+        })
+        .unwrap(),
+    );
+    rules.stall();
+    let job = MirrorJob::start(source.clone(), target, MirrorConfig::default()).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    job.cancel();
+    assert!(!job.wait(Some(Duration::from_millis(200))).unwrap());
+    assert!(!job.wait_ready(Some(Duration::from_millis(50))).unwrap());
+    assert_eq!(
+        job.complete(Some(Duration::from_millis(50)))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Timeout
+    );
+    rules.release();
+    assert!(job.wait(LONG).unwrap());
+    assert_eq!(job.state(), MirrorState::Cancelled);
+    assert!(source.dirty_bitmaps().is_empty());
+}
