@@ -311,8 +311,11 @@ impl MirrorJob {
         };
         let bitmap = loop {
             let name = format!("mirror-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
-            if source.dirty_bitmap(&name).is_none() {
-                break source.add_dirty_bitmap(&name, config.granularity)?;
+            match source.add_dirty_bitmap(&name, config.granularity) {
+                Ok(b) => break b,
+                // A user's bitmap has this name: take the next one.
+                Err(_) if source.dirty_bitmap(&name).is_some() => continue,
+                Err(e) => return Err(e),
             }
         };
         bitmap.set_busy(true);
