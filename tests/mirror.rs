@@ -113,6 +113,7 @@ fn mirror_under_writes(source: Arc<BlockNode>, target: Arc<BlockNode>, config: M
     let p = job.complete(LONG).unwrap();
     eprintln!("before complete: {before:?}\nafter: {p:?}");
     assert!(p.passes >= 1, "dirty passes ran: {p:?}");
+    assert!(before.dirty_rate > 0.0, "the writer dirtied: {before:?}");
     assert_eq!(p.state, MirrorState::Completed);
     assert_eq!(p.bytes_done, p.bytes_total);
     assert!(source.dirty_bitmaps().is_empty());
@@ -155,6 +156,8 @@ fn max_downtime_makes_a_busy_job_ready() {
     let size = 8 * MIB;
     let (a, b) = (mem(size), mem(size));
     fill(&a, 3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(a.clone(), stop.clone(), 5);
     let job = MirrorJob::start(
         a.clone(),
         b.clone(),
@@ -166,6 +169,8 @@ fn max_downtime_makes_a_busy_job_ready() {
     )
     .unwrap();
     assert!(job.wait_ready(LONG).unwrap());
+    stop.store(true, Ordering::Release);
+    w.join().unwrap();
     let p = job.complete(LONG).unwrap();
     assert!(p.throughput > 0.0, "{p:?}");
     assert!(same(&a, &b));
@@ -526,4 +531,36 @@ fn qcow2_source_mirrors_sparsely() {
     let p = job.complete(LONG).unwrap();
     assert!(p.bytes_copied <= 2 * MIB, "{p:?}");
     assert!(same(&src, &dst));
+}
+
+/// A stalled target: cancel returns at once, wait times out (no hang), and once the storage
+/// answers again the copies in flight finish and the job ends cancelled.
+#[test]
+fn cancel_with_a_stalled_target_never_hangs() {
+    let size = 8 * MIB;
+    let source = mem(size);
+    fill(&source, 2);
+    let rules = Arc::new(FaultRules::new());
+    let target = Arc::new(
+        memory_node(size, false, |b| {
+            Arc::new(FaultInjector::new(b, rules.clone())) as Arc<dyn Backend>
+        })
+        .unwrap(),
+    );
+    rules.stall();
+    let job = MirrorJob::start(source.clone(), target, MirrorConfig::default()).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    job.cancel();
+    assert!(!job.wait(Some(Duration::from_millis(200))).unwrap());
+    assert!(!job.wait_ready(Some(Duration::from_millis(50))).unwrap());
+    assert_eq!(
+        job.complete(Some(Duration::from_millis(50)))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Timeout
+    );
+    rules.release();
+    assert!(job.wait(LONG).unwrap());
+    assert_eq!(job.state(), MirrorState::Cancelled);
+    assert!(source.dirty_bitmaps().is_empty());
 }

@@ -4,6 +4,7 @@ errors, cancel, throttle, and the bitmap API's edge cases."""
 
 from __future__ import annotations
 
+import _thread
 import random
 import subprocess
 import threading
@@ -164,7 +165,7 @@ def test_mirror_to_a_qemu_nbd_export(tmp_path: Path) -> None:
     blockemu.create_image(target_file, size)
     # Stale data on the target: zero regions of the source must be written as zeroes.
     target_file.write_bytes(b"\xee" * size)
-    server = QemuNbd(qemu_nbd, target_file, extra=("-t", "--cache=none"))
+    server = QemuNbd(qemu_nbd, target_file)
     try:
         blockemu.create_image(tmp_path / "src.img", size)
         with blockemu.open_image(tmp_path / "src.img") as src:
@@ -231,6 +232,31 @@ def test_cancel_and_throttle() -> None:
     with pytest.raises(CancelledError):
         job.complete(1)
     job.cancel()  # idempotent
+
+
+def test_ctrl_c_interrupts_a_wait_and_other_threads_run() -> None:
+    src, dst = blockemu.memory_node(32 * MIB), blockemu.memory_node(32 * MIB)
+    job = blockemu.MirrorJob(src, dst, speed=64 << 10, chunk_size=64 << 10, sparse=False)
+    ticks: list[int] = []
+
+    def tick() -> None:
+        for i in range(10):
+            time.sleep(0.01)
+            ticks.append(i)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            job.wait_ready()
+    finally:
+        timer.join()
+        ticker.join()
+    assert len(ticks) == 10  # the GIL was released while waiting
+    job.cancel()
+    assert job.wait(10)
 
 
 def test_set_speed_lifts_the_limit() -> None:

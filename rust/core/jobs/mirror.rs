@@ -198,6 +198,10 @@ struct St {
     throughput: f64,
     passes: u64,
     ended: Option<Instant>,
+    /// Since when some copy has been in flight (None: none is).
+    busy_start: Option<Instant>,
+    /// Copying time before `busy_start`.
+    busy_total: Duration,
 }
 
 struct Shared {
@@ -307,8 +311,11 @@ impl MirrorJob {
         };
         let bitmap = loop {
             let name = format!("mirror-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed));
-            if source.dirty_bitmap(&name).is_none() {
-                break source.add_dirty_bitmap(&name, config.granularity)?;
+            match source.add_dirty_bitmap(&name, config.granularity) {
+                Ok(b) => break b,
+                // A user's bitmap has this name: take the next one.
+                Err(_) if source.dirty_bitmap(&name).is_some() => continue,
+                Err(e) => return Err(e),
             }
         };
         bitmap.set_busy(true);
@@ -337,6 +344,8 @@ impl MirrorJob {
                 throughput: 0.0,
                 passes: 0,
                 ended: None,
+                busy_start: None,
+                busy_total: Duration::ZERO,
             }),
             cv: Condvar::new(),
             bytes_done: AtomicU64::new(0),
@@ -577,6 +586,11 @@ impl Drop for CopyDone {
         {
             st.in_flight.swap_remove(i);
         }
+        if st.in_flight.is_empty() {
+            if let Some(t) = st.busy_start.take() {
+                st.busy_total += t.elapsed();
+            }
+        }
         if self.work.bulk {
             st.bulk_in_flight -= 1;
         }
@@ -615,8 +629,8 @@ struct Controller {
     last_dirty: u64,
     taken_since_tick: u64,
     worked_at_tick: u64,
-    busy_since_tick: Duration,
-    last_event: Instant,
+    /// Copying time (some copy in flight) measured at the last throughput sample.
+    busy_at_sample: Duration,
     bulk_done: bool,
 }
 
@@ -635,15 +649,22 @@ impl Controller {
             last_dirty: 0,
             taken_since_tick: 0,
             worked_at_tick: 0,
-            busy_since_tick: Duration::ZERO,
-            last_event: now,
+            busy_at_sample: Duration::ZERO,
             bulk_done: false,
         }
     }
 
     fn run(mut self) {
-        let outcome = self.main();
         let s = self.s.clone();
+        // A bug here must end the job (failed), never leave its waiters waiting.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.main()))
+            .unwrap_or_else(|_| {
+                s.fail(
+                    &mut lock(&s.st),
+                    Error::new(ErrorKind::Io, "the mirror controller panicked"),
+                );
+                MirrorState::Failed
+            });
         // Let every copy in flight finish (they hold the nodes; they end on their own).
         let mut st = lock(&s.st);
         while !st.in_flight.is_empty() {
@@ -682,7 +703,6 @@ impl Controller {
         let s = self.s.clone();
         loop {
             let mut st = lock(&s.st);
-            self.account_busy(&st);
             if st.cancel {
                 return MirrorState::Cancelled;
             }
@@ -751,14 +771,6 @@ impl Controller {
                 let _ = s.cv.wait_timeout(st, wait);
             }
         }
-    }
-
-    fn account_busy(&mut self, st: &St) {
-        let now = Instant::now();
-        if !st.in_flight.is_empty() {
-            self.busy_since_tick += now - self.last_event;
-        }
-        self.last_event = now;
     }
 
     /// The next piece of work, if there is one now (`Again`: some bytes were skipped, call
@@ -852,7 +864,9 @@ impl Controller {
             let secs = w.len as f64 / speed as f64;
             self.next_at = self.next_at.max(now) + Duration::from_secs_f64(secs.min(1e6));
         }
-        self.account_busy(&st);
+        if st.in_flight.is_empty() {
+            st.busy_start = Some(now);
+        }
         st.in_flight.push(w);
         if w.bulk {
             st.bulk_in_flight += 1;
@@ -889,14 +903,21 @@ impl Controller {
         if dt <= 0.0 && !force {
             return;
         }
-        let dirty = s.bitmap.count() + self.pending.map_or(0, |w| w.len);
+        let in_bitmap = s.bitmap.count();
+        let dirty = in_bitmap + self.pending.map_or(0, |w| w.len);
         if dt > 0.0 {
             let alpha = 1.0 - (-dt / SMOOTHING).exp();
-            let dirtied = (dirty + self.taken_since_tick).saturating_sub(self.last_dirty);
+            // Newly dirtied = what the bitmap gained plus what we took out of it meanwhile.
+            let dirtied = (in_bitmap + self.taken_since_tick).saturating_sub(self.last_dirty);
             st.dirty_rate += (dirtied as f64 / dt - st.dirty_rate) * alpha;
             let worked = s.bytes_worked.load(Ordering::Relaxed);
-            let busy = self.busy_since_tick.as_secs_f64();
-            if busy >= 0.005 {
+            let busy_now = st.busy_total
+                + st.busy_start
+                    .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+            let busy = busy_now.saturating_sub(self.busy_at_sample).as_secs_f64();
+            // A sample needs some copying time; the very first one takes what there is (a
+            // short job must not end with no throughput measured).
+            if busy >= 0.005 || (busy > 0.0 && st.throughput == 0.0) {
                 let sample = (worked - self.worked_at_tick) as f64 / busy;
                 st.throughput = if st.throughput == 0.0 {
                     sample
@@ -904,11 +925,11 @@ impl Controller {
                     st.throughput + (sample - st.throughput) * alpha
                 };
                 self.worked_at_tick = worked;
-                self.busy_since_tick = Duration::ZERO;
+                self.busy_at_sample = busy_now;
             }
         }
         self.last_tick = now;
-        self.last_dirty = dirty;
+        self.last_dirty = in_bitmap;
         self.taken_since_tick = 0;
         st.dirty_bytes = dirty;
         if !self.bulk_done {
@@ -1024,6 +1045,7 @@ mod tests {
         assert_eq!(p.state, MirrorState::Completed);
         assert_eq!(p.bytes_done, p.bytes_total);
         assert_eq!(p.dirty_bytes, 0);
+        assert!(p.throughput > 0.0, "measured even for a short job: {p:?}");
         assert!(a.dirty_bitmaps().is_empty());
         let mut got = vec![0u8; data.len()];
         b.read(0, &mut got).unwrap();
