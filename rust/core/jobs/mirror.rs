@@ -619,6 +619,11 @@ struct Controller {
     s: Arc<Shared>,
     pool: IoPool,
     bulk_pos: u64,
+    /// The source's status from `bulk_pos` up to this offset, as last asked: one query per
+    /// extent, not per chunk (on tmpfs a SEEK_HOLE walks every page up to the next hole, so
+    /// asking per chunk of a dense file is quadratic).
+    status_until: u64,
+    status: BlockStatus,
     cursor: u64,
     sweep_took: bool,
     pending: Option<Work>,
@@ -641,6 +646,8 @@ impl Controller {
             s,
             pool: IoPool::global(),
             bulk_pos: 0,
+            status_until: 0,
+            status: BlockStatus::Data,
             cursor: 0,
             sweep_took: false,
             pending: None,
@@ -785,11 +792,15 @@ impl Controller {
                     return Ok(Next::Again);
                 }
                 let off = self.bulk_pos;
-                let n = chunk.min(s.size - off);
+                if s.config.sparse && off >= self.status_until {
+                    let (status, n) = s.source.block_status(off, s.size - off)?;
+                    self.status = status;
+                    self.status_until = off + n.max(1);
+                }
                 let (status, n) = if s.config.sparse {
-                    s.source.block_status(off, n)?
+                    (self.status, chunk.min(self.status_until - off))
                 } else {
-                    (BlockStatus::Data, n)
+                    (BlockStatus::Data, chunk.min(s.size - off))
                 };
                 self.bulk_pos += n;
                 lock(&s.st).bulk_left = s.size - self.bulk_pos;
