@@ -207,7 +207,11 @@ fn soft_reset_waits_for_io_in_flight_so_a_guest_cannot_pile_it_up() {
     // Long after the reset delay, BSY stays: no new command can be issued.
     let until = Instant::now() + Duration::from_millis(100);
     while Instant::now() < until {
-        assert_eq!(g.alt() & 0x80, 0x80, "the reset completed with a write in flight");
+        assert_eq!(
+            g.alt() & 0x80,
+            0x80,
+            "the reset completed with a write in flight"
+        );
         assert_eq!(g.r(7) & 0x80, 0x80);
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -217,7 +221,10 @@ fn soft_reset_waits_for_io_in_flight_so_a_guest_cannot_pile_it_up() {
     assert!(!g.ch.wait_irq(Some(Duration::from_millis(20))).unwrap());
     // The storage answers: the stale write lands, then the reset completes (with its IRQ).
     rules.release();
-    assert!(g.ch.wait_irq(WAIT).unwrap(), "the reset completes once the write is done");
+    assert!(
+        g.ch.wait_irq(WAIT).unwrap(),
+        "the reset completes once the write is done"
+    );
     assert_eq!(g.alt() & 0x80, 0);
     g.settle();
     assert_eq!(node.stats().writes - writes_before, 1);
