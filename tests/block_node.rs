@@ -286,3 +286,104 @@ fn impossible_memory_disk_is_an_error_not_an_abort() {
         vec![0, 0, 0]
     );
 }
+
+/// Regression (concurrency hammer): a transition waiting for I/O in flight runs the
+/// interrupt hook, which in the Python bindings takes the GIL. It must not hold a lock there
+/// that a GIL holder may wait for: `drain_lock` (taken when a refused `check_read` leaves the
+/// gate) and `lifecycle` (taken by `locks()`). Here a mutex plays the GIL: the hook of the
+/// inactivating thread takes it, and another thread holds it while it calls `check_read` and
+/// `locks()` on the draining node.
+#[test]
+fn a_draining_transition_never_holds_a_lock_a_gil_holder_needs() {
+    use std::sync::mpsc;
+    use std::sync::{Condvar, Mutex};
+    use std::time::Duration;
+
+    struct Blocking {
+        mem: blockemu_core::block::MemoryBackend,
+        st: Mutex<(bool, bool)>, // (a write entered, writes released)
+        cv: Condvar,
+    }
+    impl Backend for Blocking {
+        fn kind(&self) -> &'static str {
+            "blocking"
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> blockemu_core::Result<()> {
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> blockemu_core::Result<()> {
+            let mut g = self.st.lock().unwrap();
+            g.0 = true;
+            self.cv.notify_all();
+            while !g.1 {
+                g = self.cv.wait(g).unwrap();
+            }
+            drop(g);
+            self.mem.write_at(buf, offset)
+        }
+        fn flush(&self) -> blockemu_core::Result<()> {
+            Ok(())
+        }
+        fn len(&self) -> blockemu_core::Result<u64> {
+            self.mem.len()
+        }
+    }
+    let backend = Arc::new(Blocking {
+        mem: blockemu_core::block::MemoryBackend::new(1 << 16).unwrap(),
+        st: Mutex::new((false, false)),
+        cv: Condvar::new(),
+    });
+    let b = backend.clone();
+    let node = Arc::new(memory_node(1 << 16, false, move |_| b).unwrap());
+    let gil = Arc::new(Mutex::new(()));
+
+    // A write in flight, blocked in the backend.
+    let n = node.clone();
+    let writer = thread::spawn(move || n.write(0, &[1u8; 512]));
+    {
+        let mut g = backend.st.lock().unwrap();
+        while !g.0 {
+            g = backend.cv.wait(g).unwrap();
+        }
+    }
+    // The "GIL holder" takes the GIL and keeps it until told to use the node.
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel();
+    let (held_tx, held_rx) = mpsc::channel::<()>();
+    let (n, g) = (node.clone(), gil.clone());
+    let holder = thread::spawn(move || {
+        let _gil = g.lock().unwrap();
+        held_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        let refused = n.check_read(0, 512).map_err(|e| e.kind());
+        let locks = n.locks();
+        done_tx.send((refused, locks)).unwrap();
+    });
+    held_rx.recv().unwrap();
+    // The inactivation drains; its hook (the GIL) blocks while the holder runs.
+    let (n, g) = (node.clone(), gil.clone());
+    let inactivator = thread::spawn(move || {
+        blockemu_core::interrupt::install(move || {
+            drop(g.lock().unwrap());
+            false
+        });
+        n.inactivate()
+    });
+    thread::sleep(Duration::from_millis(100)); // the inactivation is in its hook now
+    {
+        let mut g = backend.st.lock().unwrap();
+        g.1 = true;
+        backend.cv.notify_all();
+    }
+    thread::sleep(Duration::from_millis(50)); // the write has left the gate
+    go_tx.send(()).unwrap();
+    let (refused, locks) = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("deadlock: the GIL holder waits for a lock the draining transition holds");
+    assert_eq!(refused, Err(ErrorKind::Inactive));
+    assert_eq!(locks, LockSet::NONE); // a memory node holds no image lock
+    holder.join().unwrap();
+    writer.join().unwrap().unwrap();
+    inactivator.join().unwrap().unwrap();
+    assert_eq!(node.phase(), Phase::Inactive);
+}

@@ -188,3 +188,52 @@ fn read_only_node_write_aborts_after_the_data_phase() {
     assert!(g.irq());
     assert_eq!((g.r(7), g.r(1)), (0x41, 0x04));
 }
+
+/// Resource bound: a soft reset waits for the channel's backend operations, as QEMU's reset
+/// drains them. Before, SRST completed after its 10 ms whatever was in flight, so a guest
+/// repeating "WRITE SECTORS, SRST" against stalled storage queued one write per cycle
+/// without bound, and a stale write could land after a newer one to the same sector.
+#[test]
+fn soft_reset_waits_for_io_in_flight_so_a_guest_cannot_pile_it_up() {
+    let (node, rules) = slow_node(Duration::ZERO);
+    let g = Guest::with(node.clone(), IdeDiskConfig::default(), false);
+    let writes_before = node.stats().writes;
+    rules.stall();
+    // A write is in flight (stalled), then SRST.
+    g.lba28(0x30, 40, 1);
+    assert_eq!(g.ch.write_data(&[0x11; 512]), 512);
+    g.ctl(0x0C);
+    g.ctl(0x08);
+    // Long after the reset delay, BSY stays: no new command can be issued.
+    let until = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < until {
+        assert_eq!(
+            g.alt() & 0x80,
+            0x80,
+            "the reset completed with a write in flight"
+        );
+        assert_eq!(g.r(7) & 0x80, 0x80);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // A command written now is ignored (BSY): the guest cannot queue a second write.
+    g.lba28(0x30, 40, 1);
+    assert_eq!(g.ch.write_data(&[0x22; 512]), 0);
+    assert!(!g.ch.wait_irq(Some(Duration::from_millis(20))).unwrap());
+    // The storage answers: the stale write lands, then the reset completes (with its IRQ).
+    rules.release();
+    assert!(
+        g.ch.wait_irq(WAIT).unwrap(),
+        "the reset completes once the write is done"
+    );
+    assert_eq!(g.alt() & 0x80, 0);
+    g.settle();
+    assert_eq!(node.stats().writes - writes_before, 1);
+    // Now the device works, and the newer write is the one that stays.
+    g.lba28(0x30, 40, 1);
+    assert_eq!(g.ch.write_data(&[0x33; 512]), 512);
+    assert!(g.ch.wait_irq(WAIT).unwrap());
+    g.settle();
+    let mut back = [0u8; 512];
+    node.read(40 * 512, &mut back).unwrap();
+    assert_eq!(back, [0x33; 512]);
+}

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
@@ -216,6 +216,11 @@ pub struct BlockNode {
     size_known: AtomicBool,
     /// Serializes lifecycle transitions; holds the lock descriptor and what it holds.
     lifecycle: Mutex<Lifecycle>,
+    /// A copy of `Lifecycle::locks` (`held << 8 | unshared`) for `locks()`, which must not
+    /// wait for a transition: a transition holds `lifecycle` while it drains and flushes, and
+    /// its waits run the interrupt hook, which needs the GIL that a Python caller of `locks()`
+    /// would hold while it waited (a deadlock the concurrency hammer found).
+    locks_now: AtomicU16,
     drained: Condvar,
     drain_lock: Mutex<()>,
     counters: Counters,
@@ -261,6 +266,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
+fn pack_locks(l: LockSet) -> u16 {
+    u16::from(l.held) << 8 | u16::from(l.unshared)
+}
+
 impl BlockNode {
     /// Builds a node over `backend`. An active node takes the read-write (or read-only) image
     /// lock; an inactive one only the shared one. Nothing is read or written here.
@@ -294,6 +303,7 @@ impl BlockNode {
             phase: AtomicU8::new(phase as u8),
             size: AtomicU64::new(config.size.unwrap_or(0)),
             size_known: AtomicBool::new(config.size.is_some()),
+            locks_now: AtomicU16::new(pack_locks(lifecycle.locks)),
             lifecycle: Mutex::new(lifecycle),
             drained: Condvar::new(),
             drain_lock: Mutex::new(()),
@@ -357,11 +367,19 @@ impl BlockNode {
     }
 
     /// The lock bytes this node holds now.
+    /// Never blocks (during a transition: what was held when it started, or what it has
+    /// taken so far).
     pub fn locks(&self) -> LockSet {
-        self.lifecycle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .locks
+        let v = self.locks_now.load(Ordering::Acquire);
+        LockSet {
+            held: (v >> 8) as u8,
+            unshared: v as u8,
+        }
+    }
+
+    fn set_locks(&self, slot: &mut LockSet, locks: LockSet) {
+        *slot = locks;
+        self.locks_now.store(pack_locks(locks), Ordering::Release);
     }
 
     /// `Closed` on a closed node (for callers that must refuse before doing any work).
@@ -716,16 +734,22 @@ impl BlockNode {
     /// Closes the gate and waits (interruptibly) until no operation is in flight.
     fn close_gate_and_drain(&self) -> Result<()> {
         self.gate.fetch_and(!OPEN, Ordering::AcqRel);
-        let mut g = self.drain_lock.lock().unwrap_or_else(|p| p.into_inner());
-        while self.gate.load(Ordering::Acquire) & INFLIGHT != 0 {
+        loop {
+            {
+                let g = self.drain_lock.lock().unwrap_or_else(|p| p.into_inner());
+                if self.gate.load(Ordering::Acquire) & INFLIGHT == 0 {
+                    return Ok(());
+                }
+                drop(
+                    self.drained
+                        .wait_timeout(g, interrupt::POLL.min(Duration::from_millis(10)))
+                        .unwrap_or_else(|p| p.into_inner()),
+                );
+            }
+            // Outside `drain_lock`: the hook takes the GIL, and a Python thread holding the
+            // GIL may be in `InFlight::drop` (a refused `check_read`) waiting for that lock.
             interrupt::check()?;
-            g = self
-                .drained
-                .wait_timeout(g, interrupt::POLL.min(Duration::from_millis(10)))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
         }
-        Ok(())
     }
 
     fn open_gate(&self) {
@@ -739,7 +763,8 @@ impl BlockNode {
     /// Hands the image over: stops new I/O, waits for the I/O in flight, flushes, then lets go
     /// of the write lock. On failure the node stays active. A no-op on an inactive node.
     pub fn inactivate(&self) -> Result<()> {
-        let mut life = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        let life = &mut *guard;
         match self.phase() {
             Phase::Closed => return Err(self.closed_error()),
             Phase::Inactive => return Ok(()),
@@ -757,7 +782,7 @@ impl BlockNode {
         self.quiesce().map_err(back_to_active)?;
         if let (Some(file), Some(path)) = (&life.lock_file, &self.path) {
             lock::transition(file, path, life.locks, LockSet::INACTIVE).map_err(back_to_active)?;
-            life.locks = LockSet::INACTIVE;
+            self.set_locks(&mut life.locks, LockSet::INACTIVE);
         }
         self.set_phase(Phase::Inactive);
         self.record(Op::Inactivate, 0, 0, Outcome::Ok);
@@ -768,7 +793,8 @@ impl BlockNode {
     /// still holds it), drops every cache, refreshes the size, then lets I/O through.
     /// On failure the node stays inactive. A no-op on an active node.
     pub fn activate(&self) -> Result<()> {
-        let mut life = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        let life = &mut *guard;
         match self.phase() {
             Phase::Closed => return Err(self.closed_error()),
             Phase::Active => return Ok(()),
@@ -784,13 +810,13 @@ impl BlockNode {
         };
         if let (Some(file), Some(path)) = (&life.lock_file, &self.path) {
             lock::transition(file, path, old, want).map_err(back_to_inactive)?;
-            life.locks = want;
+            self.set_locks(&mut life.locks, want);
         }
         // The lock is ours: whatever anyone cached before this instant may be stale.
         let undo_lock = |life: &mut Lifecycle, e: Error| {
             if let (Some(file), Some(path)) = (&life.lock_file, &self.path) {
                 if lock::transition(file, path, want, old).is_ok() {
-                    life.locks = old;
+                    self.set_locks(&mut life.locks, old);
                 }
             }
             back_to_inactive(e)
@@ -806,14 +832,14 @@ impl BlockNode {
             },
         );
         if let Err(e) = dropped {
-            return Err(undo_lock(&mut life, e));
+            return Err(undo_lock(life, e));
         }
         match self.backend.len() {
             Ok(len) => {
                 self.size.store(len, Ordering::Release);
                 self.size_known.store(true, Ordering::Release);
             }
-            Err(e) => return Err(undo_lock(&mut life, e)),
+            Err(e) => return Err(undo_lock(life, e)),
         }
         self.set_phase(Phase::Active);
         self.open_gate();
@@ -825,7 +851,8 @@ impl BlockNode {
     /// nothing. Locks are released in every case; a second close is a no-op. The node is
     /// closed even when the final flush fails (that error is returned).
     pub fn close(&self) -> Result<()> {
-        let mut life = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        let life = &mut *guard;
         let was = self.phase();
         if was == Phase::Closed {
             return Ok(());
@@ -845,7 +872,7 @@ impl BlockNode {
         };
         // Dropping the descriptor releases every OFD lock it holds.
         life.lock_file = None;
-        life.locks = LockSet::NONE;
+        self.set_locks(&mut life.locks, LockSet::NONE);
         self.set_phase(Phase::Closed);
         self.record(Op::Close, 0, 0, Outcome::Ok);
         flushed

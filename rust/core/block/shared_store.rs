@@ -22,6 +22,10 @@ use crate::Result;
 /// The cache granule of both models (a page).
 pub const CACHE_BLOCK: u64 = 4096;
 
+/// Most memory one [`HostCache`] holds (256 MiB of pages): like a real page cache it evicts
+/// (an arbitrary page) when full, so guest reads of a big image cannot grow it without bound.
+pub const HOST_CACHE_MAX_BYTES: u64 = 256 << 20;
+
 /// Where a block cache keeps its blocks.
 pub(crate) trait BlockStore: Send + Sync {
     /// The cached copy of block `index` (`len` bytes), if valid.
@@ -104,10 +108,10 @@ impl<S: BlockStore> Cached<S> {
     }
 }
 
-/// Blocks in memory: one host's page cache of a shared file.
-#[derive(Default)]
+/// Blocks in memory: one host's page cache of a shared file, at most `max_blocks` of them.
 pub(crate) struct MemoryStore {
     blocks: Mutex<HashMap<u64, Box<[u8]>>>,
+    max_blocks: usize,
 }
 
 impl BlockStore for MemoryStore {
@@ -123,6 +127,12 @@ impl BlockStore for MemoryStore {
     }
     fn put(&self, index: u64, data: &[u8]) -> Result<()> {
         let mut blocks = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        if blocks.len() >= self.max_blocks && !blocks.contains_key(&index) {
+            // Full: evict a page (it is read from the storage again when needed).
+            if let Some(k) = blocks.keys().next().copied() {
+                blocks.remove(&k);
+            }
+        }
         blocks.insert(index, data.into());
         Ok(())
     }
@@ -156,9 +166,21 @@ impl HostCache {
     /// `revalidate`: activation drops the cached pages (NFS close-to-open); `false` keeps
     /// them (the pre-2010 hazard, for demonstrations only).
     pub fn new(base: Arc<dyn Backend>, revalidate: bool) -> Self {
+        Self::with_capacity(
+            base,
+            revalidate,
+            (HOST_CACHE_MAX_BYTES / CACHE_BLOCK) as usize,
+        )
+    }
+
+    /// Like [`new`](Self::new), holding at most `max_blocks` pages (at least 1).
+    pub fn with_capacity(base: Arc<dyn Backend>, revalidate: bool, max_blocks: usize) -> Self {
         HostCache(Cached {
             base,
-            store: MemoryStore::default(),
+            store: MemoryStore {
+                blocks: Mutex::new(HashMap::new()),
+                max_blocks: max_blocks.max(1),
+            },
             revalidate,
             io: Mutex::new(()),
         })
@@ -246,5 +268,37 @@ mod tests {
         legacy.drop_caches().unwrap();
         legacy.read_at(&mut buf, 0).unwrap();
         assert_eq!(buf[0], 7, "no revalidation: stale after activation");
+    }
+
+    /// Resource bound: reading a whole image through a host cache keeps at most its
+    /// capacity of pages (before, every page read stayed: memory grew with the image).
+    #[test]
+    fn a_host_cache_holds_at_most_its_capacity() {
+        let shared: Arc<dyn Backend> =
+            Arc::new(MemoryBackend::new(64 * CACHE_BLOCK as usize).unwrap());
+        for i in 0..64u64 {
+            shared
+                .write_at(&[i as u8; CACHE_BLOCK as usize], i * CACHE_BLOCK)
+                .unwrap();
+        }
+        let host = HostCache::with_capacity(shared.clone(), true, 8);
+        let mut buf = vec![0u8; 3 * CACHE_BLOCK as usize];
+        for i in (0..62u64).step_by(3) {
+            host.read_at(&mut buf, i * CACHE_BLOCK).unwrap();
+            assert_eq!(buf[0], i as u8);
+            assert_eq!(buf[2 * CACHE_BLOCK as usize], (i + 2) as u8);
+            assert!(host.cached_blocks().unwrap().unwrap() <= 8);
+        }
+        // What is still cached is served from the cache, stale, as before.
+        host.read_at(&mut buf[..512], 61 * CACHE_BLOCK).unwrap();
+        shared.write_at(&[0xEE; 512], 61 * CACHE_BLOCK).unwrap();
+        assert!(host
+            .read_at_cached(&mut buf[..512], 61 * CACHE_BLOCK)
+            .unwrap());
+        assert_eq!(buf[0], 61);
+        assert_eq!(
+            HostCache::new(shared, true).0.store.max_blocks as u64,
+            HOST_CACHE_MAX_BYTES / CACHE_BLOCK
+        );
     }
 }

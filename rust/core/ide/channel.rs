@@ -165,8 +165,15 @@ pub struct ChannelState {
     pub irq_raises: u64,
     /// Bumped by SRST: completions of older generations are dropped.
     pub gen: u64,
-    /// A soft reset is pending (BSY shown) and completes at this instant.
+    /// A soft reset is pending (BSY shown) and completes at this instant, or later: not
+    /// before the backend operations of this channel have finished.
     pub reset_due: Option<Instant>,
+    /// Backend operations of this channel submitted and not finished, every generation
+    /// (not device state: the operations of this process). A soft reset waits for them, as
+    /// QEMU's reset drains the I/O in flight: otherwise a guest that repeats "command, SRST"
+    /// against slow storage would queue operations without bound, and a write of an older
+    /// generation could land after a newer one.
+    pub(crate) ops_in_flight: u32,
     pub bm: Option<BusMaster>,
     /// Guest memory the bus master reads PRD tables from (not device state).
     pub(crate) memory_hint: Option<MemoryRef>,
@@ -189,6 +196,7 @@ impl ChannelState {
             irq_raises: 0,
             gen: 0,
             reset_due: None,
+            ops_in_flight: 0,
             bm: bus_master.then(BusMaster::default),
             memory_hint: None,
         }
@@ -743,10 +751,11 @@ impl ChannelState {
         self.diagnostic(unit);
     }
 
-    /// Completes a pending soft reset if it is due (or `now` is forced).
+    /// Completes a pending soft reset if it is due and no backend operation of the channel
+    /// is in flight (or `force`d: a host-side drain, which then waits for them itself).
     fn poll_reset(&mut self, force: bool) {
         match self.reset_due {
-            Some(due) if force || Instant::now() >= due => {
+            Some(due) if force || (Instant::now() >= due && self.ops_in_flight == 0) => {
                 self.reset_due = None;
                 self.reset_done();
             }
@@ -817,8 +826,9 @@ impl ChannelState {
     /// A pending soft reset whose BSY the guest cannot see (the selected unit is absent, so
     /// Status reads 0, "not busy"): from the guest's view it is over, so it completes now
     /// (QEMU completes it in a bottom half before the guest's next access).
+    /// Operations still in flight keep it pending (BSY on the present unit) until they end.
     fn finish_unseen_reset(&mut self) {
-        if self.reset_due.is_some() {
+        if self.reset_due.is_some() && self.ops_in_flight == 0 {
             self.reset_due = None;
             self.reset_done();
         }
@@ -976,11 +986,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn begin(&self) {
-        *lock(&self.in_flight) += 1;
-    }
-
     fn end(&self) {
+        {
+            let mut st = lock(&self.state);
+            st.ops_in_flight = st.ops_in_flight.saturating_sub(1);
+            // A soft reset that waited for this operation completes now.
+            let before = st.irq_raises;
+            st.poll_reset(false);
+            if st.irq_raises != before {
+                self.irq_raised.notify_all();
+            }
+        }
         let mut n = lock(&self.in_flight);
         *n = n.saturating_sub(1);
         if *n == 0 {
@@ -1002,20 +1018,27 @@ impl Shared {
             if st.irq_raises != before {
                 self.irq_raised.notify_all();
             }
+            // Counted while the lock is held, so that no reset completes between this
+            // decision and the submission (`run` ends the ones it does not submit).
+            let ops = out.iter().filter(|a| !matches!(a, Action::Reset)).count() as u32;
+            if ops > 0 {
+                st.ops_in_flight += ops;
+                *lock(&self.in_flight) += ops;
+            }
             (r, st.gen)
         };
         self.run(out, gen);
         r
     }
 
-    /// Attaches the completion `f` (run under the lock, if no reset happened since) to `job`.
+    /// Attaches the completion `f` (run under the lock, if no reset happened since) to `job`,
+    /// and the end of the operation counted by `with_state`.
     fn attach<T: Clone + Send + Sync + 'static>(
         self: &Arc<Self>,
         job: Job<T>,
         gen: u64,
         f: impl FnOnce(&mut ChannelState, &Result<T>, &mut Vec<Action>) + Send + 'static,
     ) {
-        self.begin();
         let me = self.clone();
         job.on_complete_for(&self.owner, move |res| {
             me.with_state(|st, out| {
@@ -1029,7 +1052,7 @@ impl Shared {
     }
 
     /// Submits `actions`, decided under the lock in generation `gen` (a reset since then
-    /// voids their completions).
+    /// voids their completions). Every action but `Reset` was counted in flight.
     fn run(self: &Arc<Self>, actions: Vec<Action>, gen: u64) {
         for action in actions {
             let disk_of = |unit: usize| lock(&self.state).drives[unit].disk.clone();
@@ -1041,7 +1064,10 @@ impl Shared {
                     sectors,
                     block,
                 } => {
-                    let Some(disk) = disk_of(unit) else { continue };
+                    let Some(disk) = disk_of(unit) else {
+                        self.end();
+                        continue;
+                    };
                     let node = disk.node().clone();
                     let job = self
                         .pool
@@ -1057,7 +1083,10 @@ impl Shared {
                     data,
                     flush,
                 } => {
-                    let Some(disk) = disk_of(unit) else { continue };
+                    let Some(disk) = disk_of(unit) else {
+                        self.end();
+                        continue;
+                    };
                     let node = disk.node().clone();
                     let job = self.pool.submit(move || {
                         node.write(lba * SECTOR_SIZE, &data)?;
@@ -1069,7 +1098,10 @@ impl Shared {
                     self.attach(job, gen, move |st, res, _| st.write_done(unit, seq, res));
                 }
                 Action::Flush { unit, seq } => {
-                    let Some(disk) = disk_of(unit) else { continue };
+                    let Some(disk) = disk_of(unit) else {
+                        self.end();
+                        continue;
+                    };
                     let node = disk.node().clone();
                     let job = self.pool.submit(move || node.flush());
                     self.attach(job, gen, move |st, res, _| {
@@ -1086,7 +1118,10 @@ impl Shared {
                     });
                 }
                 Action::Geometry { unit, seq } => {
-                    let Some(disk) = disk_of(unit) else { continue };
+                    let Some(disk) = disk_of(unit) else {
+                        self.end();
+                        continue;
+                    };
                     let job = disk.prefetch().start(&self.pool, disk.node().clone());
                     self.attach(job, gen, move |st, _, out| {
                         let d = &mut st.drives[unit];
@@ -1119,6 +1154,7 @@ impl Shared {
                     unmap,
                 } => {
                     let (Some(disk), Some(memory)) = (disk_of(unit), self.memory.clone()) else {
+                        self.end();
                         continue;
                     };
                     let node = disk.node().clone();
@@ -1292,7 +1328,12 @@ impl IdeChannel {
             }
             let mut step = interrupt::POLL;
             if let Some(due) = st.reset_due {
-                step = step.min(due.saturating_duration_since(Instant::now()));
+                // Past due, the reset waits for operations in flight: the last one to end
+                // completes it and wakes us.
+                let left = due.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    step = step.min(left);
+                }
             }
             if let Some(deadline) = deadline {
                 let left = deadline.saturating_duration_since(Instant::now());

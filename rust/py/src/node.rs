@@ -252,8 +252,10 @@ impl PyBlockNode {
     }
 
     /// Blocks held by the caches under this node (host cache, copy-on-read); None without.
-    fn cached_blocks(&self) -> PyResult<Option<u64>> {
-        self.inner.cached_blocks().py_err()
+    /// (GIL released: a cache's lock may be held by I/O that waits on storage.)
+    fn cached_blocks(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        let node = &self.inner;
+        detach_interruptible(py, || node.cached_blocks()).py_err()
     }
 
     /// Adds an enabled dirty bitmap (marked by every write, write_zeroes and discard).
