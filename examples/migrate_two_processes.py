@@ -79,7 +79,8 @@ def main(directory: Path) -> None:
     dst.join(10)
     reads = sum(result["report"]["reads_before_activation"].values())
     print(f"destination: {reads} reads before activation, guest at step {result['steps']}")
-    print(f"destination read back all {result['checked']} acknowledged sectors: OK")
+    n = result["checked"]
+    print(f"destination read back the last acknowledged write of each of {n} sectors: OK")
 
 
 if __name__ == "__main__":
