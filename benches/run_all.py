@@ -2,10 +2,10 @@
 
 Each Python benchmark in benches/ runs its own baseline in the same run (``--json``: one JSON
 line per result, collected here). ``--criterion`` also runs the criterion benches of the Rust
-core (``cargo bench -- --quick``) and adds their key figures. The machine (CPU model, cores,
-kernel, Python, load average before and after) is printed with the table: figures measured on a
-loaded machine spread, the ratios less than the absolute numbers since both sides of a ratio
-share the load.
+core (``cargo bench``, 3 s per benchmark; criterion's ``--quick`` with ``--quick``) and adds
+their key figures. The machine (CPU model, cores, kernel, Python, load average before and
+after) is printed with the table: figures measured on a loaded machine spread, the ratios less
+than the absolute numbers since both sides of a ratio share the load.
 
 Run: python benches/run_all.py [--quick] [--criterion] [--json] [--only NAME ...] [-v]
 """
@@ -130,9 +130,11 @@ def run_criterion(quick: bool, verbose: bool) -> tuple[list[dict[str, Any]], str
     rows: list[dict[str, Any]] = []
     errors = []
     for bench, wanted in CRITERION.items():
-        cmd = ["cargo", "bench", "-j2", "--bench", bench, "--", "--quick"]
+        cmd = ["cargo", "bench", "-j2", "--bench", bench, "--"]
         if quick:
-            cmd += ["--warm-up-time", "0.2", "--measurement-time", "0.5"]
+            cmd += ["--quick", "--warm-up-time", "0.2", "--measurement-time", "0.5"]
+        else:
+            cmd += ["--warm-up-time", "1", "--measurement-time", "3"]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if verbose:
             print(r.stdout, file=sys.stderr)
