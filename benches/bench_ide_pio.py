@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import blockemu
+from _results import Results
 
 SIZE = 64 << 20
 SECTORS_PER_CMD = 256
@@ -123,11 +124,14 @@ def identify_latency(node: Any, *, start: bool, pause: float) -> tuple[float, in
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="8 MiB and one repeat (smoke run)")
+    ap.add_argument("--json", action="store_true", help="one JSON line per result on stdout")
     args = ap.parse_args()
+    out = Results("ide_pio", args.json)
     if not have_ide():
         print(
             "bench_ide_pio: blockemu.IdeChannel is not built in this blockemu; nothing to measure"
         )
+        out.emit()
         return 0
     size = (8 << 20) if args.quick else SIZE
     repeats = 1 if args.quick else 3
@@ -156,6 +160,14 @@ def main() -> int:
         print(f"PIO READ SECTORS EXT, 512 B per read_data: {pio:8.1f} MB/s")
         print(f"os.pread, 512 B per call:                   {pr:8.1f} MB/s")
         print(f"ratio PIO / pread: {pio / pr:.2f} (target >= 0.3; PIO mode 4 hardware: 16.7 MB/s)")
+        out.add(
+            f"IDE PIO: {size >> 20} MiB by READ SECTORS EXT (256 sectors, 512 B per read_data)",
+            pio,
+            "MB/s",
+            baseline="os.pread 512 B calls",
+            baseline_value=pr,
+            target=">= 0.3 (PIO mode 4: 16.7 MB/s)",
+        )
 
     print()
     fi = blockemu.FaultInjector()
@@ -170,6 +182,15 @@ def main() -> int:
             f"{w_slow * 1e6:8.1f} us (status {st_slow:#04x}); memory node "
             f"{w_fast * 1e6:8.1f} us (status {st_fast:#04x})"
         )
+        out.add(
+            "IDE: IDENTIFY command write, 50 ms-latency node, after start() + 200 ms",
+            w_slow * 1e6,
+            "µs",
+            baseline="memory node",
+            baseline_value=w_fast * 1e6,
+            ratio=w_fast / w_slow,
+            target="as fast as memory",
+        )
     finally:
         slow.close()
         fast.close()
@@ -183,8 +204,16 @@ def main() -> int:
             f"(b) IDENTIFY write before start(): {w * 1e6:8.1f} us, status {st:#04x} ({bsy}), "
             f"data ready after {ready * 1e3:.1f} ms (target: write < 1 ms with BSY set)"
         )
+        out.add(
+            "IDE: IDENTIFY command write before start() (returns with BSY"
+            + (")" if st & 0x80 else "; BSY WAS CLEAR)"),
+            w * 1e6,
+            "µs",
+            target="< 1000 µs",
+        )
     finally:
         slow2.close()
+    out.emit()
     return 0
 
 

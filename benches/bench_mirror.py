@@ -16,7 +16,6 @@ Run: python benches/bench_mirror.py [--quick] [--json]
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import blockemu
+from _results import Results
 from blockemu.drivers import VirtioBlkDriver
 from blockemu.guest import GuestWorkload
 from blockemu.machine import Machine
@@ -201,8 +201,9 @@ def one_downtime(tmp: Path, run_for: float) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a small smoke run (figures only)")
-    ap.add_argument("--json", action="store_true", help="one JSON line per result")
+    ap.add_argument("--json", action="store_true", help="one JSON line per result on stdout")
     args = ap.parse_args()
+    out = Results("mirror", args.json)
     results = []
     shm = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
     tmp = Path(tempfile.mkdtemp(prefix="bench-mirror-", dir=shm))
@@ -253,15 +254,25 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for r in results:
-        if args.json:
-            print(json.dumps(r))
-        else:
-            extra = ""
-            if "ratio" in r:
-                extra = f" vs {r['baseline']} {r['baseline_value']} -> {r['ratio']}x"
-            if "runs" in r:
-                extra = f" (runs {r['runs']}, guest wrote {r['guest_MiB_per_s']} MiB/s)"
-            print(f"{r['bench']}: {r['ours']}{extra} (target {r.get('target', '-')})")
+        extra = ""
+        if "ratio" in r:
+            extra = f" vs {r['baseline']} {r['baseline_value']} -> {r['ratio']}x"
+        if "runs" in r:
+            extra = f" (runs {r['runs']}, guest wrote {r['guest_MiB_per_s']} MiB/s)"
+        print(f"{r['bench']}: {r['ours']}{extra} (target {r.get('target', '-')})")
+        name = r["bench"].rsplit(" (", 1)[0]
+        if "runs" in r:
+            name += f" (median of {len(r['runs'])}; the guest wrote {r['guest_MiB_per_s']} MiB/s)"
+        out.add(
+            name,
+            r["ours"],
+            "ms" if "downtime" in r["bench"] else "MiB/s",
+            baseline=r.get("baseline"),
+            baseline_value=r.get("baseline_value"),
+            ratio=r.get("ratio"),
+            target=r.get("target"),
+        )
+    out.emit()
     return 0
 
 

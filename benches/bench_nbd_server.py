@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import blockemu
+from _results import Results
 
 SIZE = 64 << 20
 
@@ -41,11 +42,14 @@ def bench(uri: str, n: int, size: int, depth: int, write: bool, repeats: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
+    ap.add_argument("--json", action="store_true", help="one JSON line per result on stdout")
     args = ap.parse_args()
+    out = Results("nbd_server", args.json)
     n = 4_000 if args.quick else 40_000
     repeats = 2 if args.quick else 5
     if shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None:
         print("qemu-nbd / qemu-img not installed: skipped")
+        out.emit()
         return
     d = "/dev/shm" if os.path.isdir("/dev/shm") else None
     with tempfile.TemporaryDirectory(dir=d, prefix="bnbds-") as tmp:
@@ -90,6 +94,15 @@ def main() -> None:
         print(
             f"{name:26} {count * scale / q:12.0f} {count * scale / o:12.0f} {q / o:10.2f}  {unit}"
         )
+        out.add(
+            f"NbdServer (raw file, Unix socket) driven by qemu-img bench: {name}",
+            count * scale / o,
+            unit,
+            baseline="qemu-nbd --cache=writeback, same bench",
+            baseline_value=count * scale / q,
+            target=">= 0.8",
+        )
+    out.emit()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import blockemu
+from _results import Results
 
 SIZE = 64 << 20
 
@@ -37,7 +38,9 @@ def best_of(repeats: int, fn: Callable[[], None]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
+    ap.add_argument("--json", action="store_true", help="one JSON line per result on stdout")
     args = ap.parse_args()
+    results = Results("node_read", args.json)
     n_small = 20_000 if args.quick else 200_000
     n_big = 64 if args.quick else 640
     repeats = 3 if args.quick else 5
@@ -101,6 +104,23 @@ def main() -> None:
         f"1 MiB sequential read: node.read {gbs_node:.2f} GB/s, os.pread {gbs_pread:.2f} GB/s, "
         f"ratio {gbs_node / gbs_pread:.3f} (target >= 0.90)"
     )
+    results.add(
+        "4 KiB random read, 64 MiB file in /dev/shm: node.read",
+        iops_node,
+        "IOPS",
+        baseline="os.pread loop",
+        baseline_value=iops_pread,
+        target=">= 0.95",
+    )
+    results.add(
+        "1 MiB sequential read: node.read",
+        gbs_node,
+        "GB/s",
+        baseline="os.pread loop",
+        baseline_value=gbs_pread,
+        target=">= 0.90",
+    )
+    results.emit()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import blockemu
+from _results import Results
 from blockemu.drivers import VirtioBlkDriver
 
 BS = 4096
@@ -225,10 +226,12 @@ def ratio(a: float | None, b: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="64 MiB file, ~1 s per measurement")
+    ap.add_argument("--json", action="store_true", help="one JSON line per result on stdout")
     ap.add_argument("--rounds", type=int, default=None, help="alternating runs per method")
     ap.add_argument("--dir", default=str(Path(__file__).resolve().parent.parent),
                     help="directory on a real disk for the O_DIRECT case")  # fmt: skip
     args = ap.parse_args()
+    out = Results("virtio_read", args.json)
     size = (64 << 20) if args.quick else (1 << 30)
     seconds = 1.0 if args.quick else 3.0
     if args.rounds is None:
@@ -253,6 +256,10 @@ def main() -> None:
             f"IOPS (ratio {ratio(ours, fio)}), os.pread {fmt(pread)} IOPS "
             f"(ratio {ratio(ours, pread)})"
         )
+        what = f"virtio-blk end to end, 4 KiB random reads, {size >> 20} MiB in /dev/shm, "
+        what += "128 per notify"
+        out.add(what, ours, "IOPS", baseline="fio psync", baseline_value=fio, target=">= 0.9")
+        out.add(what, ours, "IOPS", baseline="os.pread loop", baseline_value=pread)
 
     with tempfile.TemporaryDirectory(dir=args.dir, prefix=".bench-virtio-") as tmp:
         path = Path(tmp) / "bench.img"
@@ -261,6 +268,7 @@ def main() -> None:
             os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
         except OSError as e:
             print(f"(b) O_DIRECT unsupported in {args.dir}: {e}")
+            out.emit()
             return
         drop_cache(path)
         ours, fio, pread = interleaved(
@@ -273,6 +281,16 @@ def main() -> None:
             f"(b) O_DIRECT, queue depth 32: blockemu {fmt(ours)} IOPS, fio libaio QD32 "
             f"{fmt(fio)} IOPS (ratio {ratio(ours, fio)}); os.pread O_DIRECT QD1 {fmt(pread)} IOPS"
         )
+    out.add(
+        f"virtio-blk end to end, O_DIRECT {size >> 20} MiB file on disk (cache=none), "
+        "4 KiB random reads, 32 in flight",
+        ours,
+        "IOPS",
+        baseline="fio libaio iodepth=32 direct=1",
+        baseline_value=fio,
+        target=">= 0.8",
+    )
+    out.emit()
 
 
 if __name__ == "__main__":
