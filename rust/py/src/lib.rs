@@ -10,6 +10,7 @@ mod geometry;
 mod guest_memory;
 mod ide;
 mod jobs;
+mod migration;
 mod node;
 mod state;
 mod virtio;
@@ -25,5 +26,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     ide::register(m)?;
     virtio::register(m)?;
     state::register(m)?;
+    migration::register(m)?;
     Ok(())
 }
