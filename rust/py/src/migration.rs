@@ -35,20 +35,35 @@ fn decode_frame_header<'py>(
     ))
 }
 
+/// Payloads above this are checked with the GIL released (a 1 MiB state chunk takes about a
+/// millisecond).
+const DETACH_ABOVE: usize = 64 * 1024;
+
 /// Checks a whole frame: its header, the payload's length and the CRC.
 #[pyfunction]
-fn check_frame(head: &Bound<'_, PyAny>, payload: &Bound<'_, PyAny>, crc: u32) -> PyResult<()> {
+fn check_frame(
+    py: Python<'_>,
+    head: &Bound<'_, PyAny>,
+    payload: &Bound<'_, PyAny>,
+    crc: u32,
+) -> PyResult<()> {
     let header = with_bytes(head, frame::decode_header)?.py_err()?;
-    with_bytes(payload, |p| frame::check_frame(&header, p, crc))?.py_err()
+    let payload = ByteView::get(payload, false)?;
+    let big = payload.len() > DETACH_ABOVE;
+    // SAFETY: the buffer stays exported (and so fixed) while the closure owns its view.
+    let check = move || frame::check_frame(&header, unsafe { payload.as_slice() }, crc);
+    if big { py.detach(check) } else { check() }.py_err()
 }
 
 /// The frame CRC (zlib's crc32) over a header's bytes and then a payload.
 #[pyfunction]
-fn frame_crc(head: &Bound<'_, PyAny>, payload: &Bound<'_, PyAny>) -> PyResult<u32> {
+fn frame_crc(py: Python<'_>, head: &Bound<'_, PyAny>, payload: &Bound<'_, PyAny>) -> PyResult<u32> {
     let head = ByteView::get(head, false)?;
     let payload = ByteView::get(payload, false)?;
-    // SAFETY: both buffers stay exported while read, with the GIL held.
-    Ok(unsafe { frame::frame_crc(head.as_slice(), payload.as_slice()) })
+    let big = payload.len() > DETACH_ABOVE;
+    // SAFETY: both buffers stay exported while the closure owns their views.
+    let crc = move || unsafe { frame::frame_crc(head.as_slice(), payload.as_slice()) };
+    Ok(if big { py.detach(crc) } else { crc() })
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
