@@ -24,10 +24,13 @@ __all__ = [
     "NbdServer",
     "VirtioBlk",
     "__version__",
+    "check_frame",
     "chs_to_lba",
     "create_image",
+    "decode_frame_header",
     "describe_state",
     "explain_geometry",
+    "frame_crc",
     "guess_geometry",
     "image_info",
     "lba_to_chs",
@@ -499,3 +502,8 @@ _StateDevice = IdeChannel | VirtioBlk | GuestMemory
 def save_state(devices: Sequence[tuple[str, _StateDevice]]) -> bytes: ...
 def load_state(devices: Sequence[tuple[str, _StateDevice]], data: Buffer) -> None: ...
 def describe_state(data: Buffer) -> list[_SectionInfo]: ...
+
+# Migration frames (blockemu.migration.frames); a refused frame raises its ProtocolError.
+def decode_frame_header(head: Buffer) -> tuple[int, int, bytes, int, int, int]: ...
+def check_frame(head: Buffer, payload: Buffer, crc: int) -> None: ...
+def frame_crc(head: Buffer, payload: Buffer) -> int: ...

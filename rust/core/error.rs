@@ -35,6 +35,8 @@ pub enum ErrorKind {
     Timeout,
     /// A long wait was interrupted (the bindings deliver the pending signal, e.g. Ctrl-C).
     Interrupted,
+    /// A migration frame that must abort the session (bad magic, version, type, bound, CRC).
+    Protocol,
 }
 
 impl ErrorKind {
@@ -53,6 +55,7 @@ impl ErrorKind {
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Timeout => "timed out",
             ErrorKind::Interrupted => "interrupted",
+            ErrorKind::Protocol => "protocol error",
         }
     }
 }

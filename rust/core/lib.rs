@@ -11,6 +11,7 @@ pub mod guest_memory;
 pub mod ide;
 pub mod interrupt;
 pub mod jobs;
+pub mod migration;
 pub mod state;
 pub mod virtio;
 

@@ -10,6 +10,10 @@ Control payloads are JSON objects; ``DEVICE_STATE`` payloads are raw bytes of th
 Every payload is bounded (:data:`MAX_CONTROL`, :data:`MAX_CHUNK`): the stream is hostile, and a
 length field never makes a receiver allocate more than the bound.
 
+Parsing and checking a frame (magic, version, known type, bound, CRC) is the Rust core's
+(``blockemu_core::migration::frame``, fuzzed by ``fuzz/fuzz_targets/migration_frame.rs``),
+reached through ``blockemu._core.decode_frame_header``, ``check_frame`` and ``frame_crc``.
+
 A :class:`Channel` sends frames with increasing sequence numbers and checks incoming frames: magic,
 version, CRC, known type, session id, epoch (never older than the one it knows), and the sequence
 (exactly one more than the last). Any violation raises :class:`ProtocolError`; a rejected frame
@@ -31,8 +35,9 @@ import socket
 import struct
 import threading
 import time
-import zlib
 from typing import Any
+
+from blockemu import _core
 
 __all__ = [
     "HEADER",
@@ -135,23 +140,14 @@ def encode_frame(
     if len(payload) > _limit(msg):
         raise ValueError(f"{msg.name} payload of {len(payload)} bytes is over the bound")
     head = HEADER.pack(MAGIC, version, int(msg), session, epoch, seq, len(payload))
-    crc = zlib.crc32(payload, zlib.crc32(head))
-    return head + payload + TRAILER.pack(crc)
+    return head + payload + TRAILER.pack(_core.frame_crc(head, payload))
 
 
 def decode_header(head: bytes) -> tuple[int, int, bytes, int, int, int]:
     """Checks a header's magic, version, type and length bound; returns
-    ``(version, type, session, epoch, seq, length)``."""
-    magic, version, mtype, session, epoch, seq, length = HEADER.unpack(head)
-    if magic != MAGIC:
-        raise ProtocolError(f"bad magic {magic!r}")
-    if version != PROTO_VERSION:
-        raise ProtocolError(f"unsupported protocol version {version} (this side speaks 1)")
-    if mtype not in Msg._value2member_map_:
-        raise ProtocolError(f"unknown message type {mtype}")
-    if length > _limit(mtype):
-        raise ProtocolError(f"{Msg(mtype).name} payload length {length} is over the bound")
-    return version, mtype, session, epoch, seq, length
+    ``(version, type, session, epoch, seq, length)``; :class:`ProtocolError` names the first
+    check that fails."""
+    return _core.decode_frame_header(head)
 
 
 class Channel:
@@ -295,8 +291,7 @@ class Channel:
         payload = bytes(self._buf[HEADER.size : HEADER.size + length])
         (crc,) = TRAILER.unpack(self._buf[HEADER.size + length : total])
         del self._buf[:total]
-        if zlib.crc32(payload, zlib.crc32(head)) != crc:
-            raise ProtocolError(f"bad CRC in a {Msg(mtype).name} frame")
+        _core.check_frame(head, payload, crc)
         if self.session is None:
             self.session = session
         elif session != self.session:

@@ -469,7 +469,10 @@ impl ChannelState {
             self.rw_error(unit);
             return;
         }
+        // The block goes to the backend; the transfer is left with nothing to move (pos 0 of
+        // an empty block, QEMU's data_ptr == data_end), never a position past its end.
         let mut data = std::mem::take(&mut d.pio.buf);
+        d.pio.pos = 0;
         data.resize((u64::from(n) * SECTOR_SIZE) as usize, 0);
         out.push(Action::Write {
             unit,

@@ -48,20 +48,23 @@ impl PioTransfer {
 
     /// Takes `n` bytes if the block has them (never past its end: CVE-2015-5154).
     pub fn take(&mut self, n: usize) -> Option<&[u8]> {
-        if n > self.remaining() {
-            return None;
-        }
         let at = self.pos;
+        let out = self.buf.get(at..at.checked_add(n)?)?;
         self.pos += n;
-        Some(&self.buf[at..at + n])
+        Some(out)
     }
 
-    /// Stores `data` if the block has room for all of it.
+    /// Stores `data` if the block has room for all of it (an empty `data` too only within the
+    /// block: a position past its end never indexes it).
     pub fn put(&mut self, data: &[u8]) -> bool {
-        if data.len() > self.remaining() {
+        let at = self.pos;
+        let Some(dst) = at
+            .checked_add(data.len())
+            .and_then(|end| self.buf.get_mut(at..end))
+        else {
             return false;
-        }
-        self.buf[self.pos..self.pos + data.len()].copy_from_slice(data);
+        };
+        dst.copy_from_slice(data);
         self.pos += data.len();
         true
     }
@@ -123,6 +126,26 @@ impl ReadAhead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fuzz crash (ata, `fuzz/corpus/ata/regress-empty-write-after-sector-commit`): a block
+    /// handed to the backend left the position past an empty buffer, and an empty `rep outsw`
+    /// indexed past its end.
+    #[test]
+    fn a_position_past_the_block_never_indexes_it() {
+        let mut t = PioTransfer {
+            buf: Vec::new(),
+            pos: 512,
+            end_of_block: EndOfBlock::SectorWrite,
+        };
+        assert!(!t.put(&[]));
+        assert!(!t.put(&[1, 2]));
+        assert!(t.take(0).is_none());
+        assert_eq!(t.remaining(), 0);
+        t.start(vec![0; 4], EndOfBlock::SectorWrite);
+        assert!(t.put(&[]) && t.put(&[1, 2]) && t.put(&[3, 4]) && !t.put(&[5, 6]));
+        assert!(t.block_done());
+        assert_eq!(t.take(0), Some(&[][..]));
+    }
 
     #[test]
     fn block_bounds() {

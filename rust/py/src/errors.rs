@@ -1,7 +1,8 @@
 //! The one place where core errors become Python exceptions.
 //!
 //! The exception classes live in Python (`blockemu.errors`) so that they can use multiple
-//! inheritance (`OutOfRangeError` is also a `ValueError`, ...); they are imported here.
+//! inheritance (`OutOfRangeError` is also a `ValueError`, ...); they are imported here. The
+//! migration protocol's `ProtocolError` lives with the framing (`blockemu.migration.frames`).
 
 use blockemu_core::{Error, ErrorKind};
 use pyo3::exceptions::{PyOSError, PyTimeoutError, PyValueError};
@@ -15,6 +16,7 @@ pyo3::import_exception!(blockemu.errors, ImageFormatError);
 pyo3::import_exception!(blockemu.errors, GeometryError);
 pyo3::import_exception!(blockemu.errors, StateError);
 pyo3::import_exception!(blockemu.errors, ReadOnlyError);
+pyo3::import_exception!(blockemu.migration.frames, ProtocolError);
 pyo3::import_exception!(concurrent.futures, CancelledError);
 
 /// Core error -> Python exception. Every binding returns errors through this.
@@ -43,6 +45,7 @@ pub fn to_py(err: Error) -> PyErr {
         ErrorKind::InvalidArgument | ErrorKind::Closed => PyValueError::new_err(msg),
         ErrorKind::Cancelled => CancelledError::new_err(msg),
         ErrorKind::Timeout => PyTimeoutError::new_err(msg),
+        ErrorKind::Protocol => ProtocolError::new_err(msg),
         // The signal handler's exception is still set on this thread (see `signal_pending`).
         ErrorKind::Interrupted => Python::attach(PyErr::take)
             .unwrap_or_else(|| pyo3::exceptions::PyKeyboardInterrupt::new_err(msg)),

@@ -10,6 +10,7 @@ mod geometry;
 mod guest_memory;
 mod ide;
 mod jobs;
+mod migration;
 mod mirror;
 mod nbd_server;
 mod node;
@@ -29,5 +30,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     virtio::register(m)?;
     state::register(m)?;
     mirror::register(m)?;
+    migration::register(m)?;
     Ok(())
 }
