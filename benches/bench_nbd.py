@@ -18,7 +18,6 @@ import argparse
 import gc
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import blockemu
+from _peers import qemu_img_bench
 from _results import Results
 
 SIZE = 64 << 20
@@ -43,20 +43,6 @@ def best_of(repeats: int, fn: Callable[[], None]) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
         gc.enable()
-    return best
-
-
-def qemu_img_bench(uri: str, n: int, write: bool, repeats: int, depth: int = 1) -> float:
-    args = ["qemu-img", "bench", "-f", "raw", "-d", str(depth), "-s", str(BS), "-S", str(BS)]
-    args += ["-c", str(n)]
-    if write:
-        args += ["-w", "--pattern=0xa5"]
-    best = float("inf")
-    for _ in range(repeats):
-        out = subprocess.run([*args, uri], capture_output=True, text=True, check=True).stdout
-        m = re.search(r"Run completed in ([0-9.]+) seconds", out)
-        assert m, out
-        best = min(best, float(m.group(1)))
     return best
 
 
@@ -131,7 +117,7 @@ def main() -> None:
 
             rows = []
             for kind, write in (("read", False), ("write", True)):
-                q = qemu_img_bench(uri, n, write, repeats)
+                q = qemu_img_bench(uri, n, BS, write=write, repeats=repeats)
                 mk = writes if write else reads
                 ours_seq = best_of(repeats, mk(node, seq))
                 ours_rand = best_of(repeats, mk(node, rand))
@@ -153,7 +139,7 @@ def main() -> None:
 
                 return run
 
-            q32 = qemu_img_bench(uri, n, False, repeats, depth=QD)
+            q32 = qemu_img_bench(uri, n, BS, depth=QD, repeats=repeats)
             ours32 = best_of(repeats, reads_qd(rand, QD))
             node.close()
             fnode.close()

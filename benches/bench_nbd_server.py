@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -19,24 +18,10 @@ import tempfile
 import time
 
 import blockemu
+from _peers import qemu_img_bench
 from _results import Results
 
 SIZE = 64 << 20
-
-
-def bench(uri: str, n: int, size: int, depth: int, write: bool, repeats: int) -> float:
-    """Best time of `qemu-img bench` over `repeats` runs."""
-    args = ["qemu-img", "bench", "-f", "raw", "-d", str(depth), "-s", str(size)]
-    args += ["-S", str(size), "-c", str(n)]
-    if write:
-        args += ["-w", "--pattern=0xa5"]
-    best = float("inf")
-    for _ in range(repeats):
-        out = subprocess.run([*args, uri], capture_output=True, text=True, check=True).stdout
-        m = re.search(r"Run completed in ([0-9.]+) seconds", out)
-        assert m, out
-        best = min(best, float(m.group(1)))
-    return best
 
 
 def main() -> None:
@@ -79,8 +64,8 @@ def main() -> None:
             ]
             rows = []
             for name, count, size, depth, write in cases:
-                q = bench(theirs, count, size, depth, write, repeats)
-                o = bench(ours, count, size, depth, write, repeats)
+                q = qemu_img_bench(theirs, count, size, depth=depth, write=write, repeats=repeats)
+                o = qemu_img_bench(ours, count, size, depth=depth, write=write, repeats=repeats)
                 rows.append((name, count, size, q, o))
         finally:
             srv.close()

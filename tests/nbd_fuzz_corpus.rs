@@ -4,37 +4,12 @@
 
 use std::path::Path;
 
+mod fuzz_common;
+
 use blockemu_core::block::nbd::proto::fuzz_session;
 
 #[test]
 fn corpus_and_mutations_never_panic() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/nbd");
-    let mut seeds = 0;
-    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
-    for entry in std::fs::read_dir(&dir).expect("corpus directory") {
-        let data = std::fs::read(entry.expect("entry").path()).expect("seed");
-        seeds += 1;
-        fuzz_session(&data);
-        for cut in 0..data.len().min(200) {
-            fuzz_session(&data[..cut]);
-        }
-        for _ in 0..300 {
-            let mut m = data.clone();
-            if m.is_empty() {
-                break;
-            }
-            for _ in 0..1 + next() % 4 {
-                let i = (next() % m.len() as u64) as usize;
-                m[i] = next() as u8;
-            }
-            fuzz_session(&m);
-        }
-    }
-    assert!(seeds >= 5, "the NBD seed corpus is missing");
+    fuzz_common::replay_with_mutations(&dir, 5, fuzz_session);
 }

@@ -46,6 +46,38 @@ pub fn replay_corpus(dir: &Path, min_inputs: usize, replay: impl Fn(&[u8])) {
     }
 }
 
+/// Replays every seed of `dir` (at least `min_inputs`), each of its first 200 truncations, and
+/// 300 copies of it with 1–4 bytes changed at random (fixed seed) through `replay`: a parser
+/// fed by a peer must survive all of them.
+pub fn replay_with_mutations(dir: &Path, min_inputs: usize, replay: impl Fn(&[u8])) {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut seeds = 0;
+    for entry in std::fs::read_dir(dir).expect("corpus directory") {
+        let data = std::fs::read(entry.expect("entry").path()).expect("seed");
+        seeds += 1;
+        replay(&data);
+        for cut in 0..data.len().min(200) {
+            replay(&data[..cut]);
+        }
+        if data.is_empty() {
+            continue;
+        }
+        for _ in 0..300 {
+            let mut m = data.clone();
+            for _ in 0..1 + rng.next() % 4 {
+                let i = (rng.next() % m.len() as u64) as usize;
+                m[i] = rng.next() as u8;
+            }
+            replay(&m);
+        }
+    }
+    assert!(
+        seeds >= min_inputs,
+        "the seed corpus at {} is missing",
+        dir.display()
+    );
+}
+
 /// xorshift64*: a fixed-seed generator, no dependency.
 pub struct Rng(pub u64);
 
