@@ -146,10 +146,7 @@ class _Source:
                 f = self.ch.recv(step)
             except PeerTimeout:
                 # judged only after a read: frames may have waited while this side was busy
-                if self.ch.heartbeat and self.ch.silence() >= self.t.peer_dead:
-                    raise PeerLost(
-                        f"no frame from the destination for {self.t.peer_dead:g} s (heartbeat)"
-                    ) from None
+                self._check_heartbeat()
                 continue
             if f.type in (Msg.PING, Msg.PONG):
                 self.ch.pong(f)
@@ -159,6 +156,12 @@ class _Source:
             if f.type in (Msg.ABORT, Msg.REFUSE, Msg.PREPARE_FAILED, Msg.LOAD_FAILED):
                 return f
             raise ProtocolError(f"unexpected {f.type.name} while waiting for {expect[0].name}")
+
+    def _check_heartbeat(self) -> None:
+        """PeerLost when the heartbeat runs and no frame came for ``peer_dead``."""
+        assert self.ch is not None
+        if self.ch.heartbeat and self.ch.silence() >= self.t.peer_dead:
+            raise PeerLost(f"no frame from the destination for {self.t.peer_dead:g} s (heartbeat)")
 
     def _cancelled(self) -> bool:
         return self.cancel is not None and self.cancel.is_set()
@@ -633,10 +636,7 @@ class _Source:
             try:
                 f = self.ch.recv(0.005)
             except PeerTimeout:
-                if self.ch.silence() >= self.t.peer_dead:
-                    raise PeerLost(
-                        f"no frame from the destination for {self.t.peer_dead:g} s (heartbeat)"
-                    ) from None
+                self._check_heartbeat()
                 return
             if f.type in (Msg.PING, Msg.PONG):
                 self.ch.pong(f)
