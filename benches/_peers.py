@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import time
 
 
 def qemu_img_bench(
@@ -23,3 +25,16 @@ def qemu_img_bench(
         assert m, out
         best = min(best, float(m.group(1)))
     return best
+
+
+def start_qemu_nbd(image: str, socket_path: str, pidfile: str, *, cache: str | None = None) -> int:
+    """Serves ``image`` (raw) as export ``exp`` on a Unix socket with a forked, persistent
+    ``qemu-nbd`` (4 clients at once); returns its pid once it is ready to accept."""
+    args = ["qemu-nbd", "--fork", "--persistent", "--shared=4"]
+    if cache is not None:
+        args.append(f"--cache={cache}")
+    args += ["-f", "raw", "-x", "exp", "--pid-file", pidfile, "-k", socket_path, image]
+    subprocess.run(args, check=True)
+    while not os.path.exists(pidfile) or not open(pidfile).read().strip():
+        time.sleep(0.01)
+    return int(open(pidfile).read())

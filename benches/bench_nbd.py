@@ -15,35 +15,22 @@ Run: python benches/bench_nbd.py [--quick]
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import random
 import shutil
 import signal
-import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 
 import blockemu
-from _peers import qemu_img_bench
+from _peers import qemu_img_bench, start_qemu_nbd
 from _results import Results
+from _timing import best_of_ns
 
 SIZE = 64 << 20
 BS = 4096
 QD = 32
-
-
-def best_of(repeats: int, fn: Callable[[], None]) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        gc.disable()
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        gc.enable()
-    return best
 
 
 def main() -> None:
@@ -67,28 +54,7 @@ def main() -> None:
             f.write(random.Random(1).randbytes(SIZE))
         shutil.copyfile(img, raw)
         sock = os.path.join(tmp, "s.sock")
-        pidfile = os.path.join(tmp, "pid")
-        subprocess.run(
-            [
-                "qemu-nbd",
-                "--fork",
-                "--persistent",
-                "--shared=4",
-                "-f",
-                "raw",
-                "-x",
-                "exp",
-                "--pid-file",
-                pidfile,
-                "-k",
-                sock,
-                img,
-            ],
-            check=True,
-        )
-        while not os.path.exists(pidfile) or not open(pidfile).read().strip():
-            time.sleep(0.01)
-        pid = int(open(pidfile).read())
+        pid = start_qemu_nbd(img, sock, os.path.join(tmp, "pid"))
         uri = f"nbd+unix:///exp?socket={sock}"
         try:
             rng = random.Random(42)
@@ -119,9 +85,9 @@ def main() -> None:
             for kind, write in (("read", False), ("write", True)):
                 q = qemu_img_bench(uri, n, BS, write=write, repeats=repeats)
                 mk = writes if write else reads
-                ours_seq = best_of(repeats, mk(node, seq))
-                ours_rand = best_of(repeats, mk(node, rand))
-                file_rand = best_of(repeats, mk(fnode, rand))
+                ours_seq = best_of_ns(repeats, mk(node, seq)) / 1e9
+                ours_rand = best_of_ns(repeats, mk(node, rand)) / 1e9
+                file_rand = best_of_ns(repeats, mk(fnode, rand)) / 1e9
                 rows.append((kind, q, ours_seq, ours_rand, file_rand))
 
             # 32 requests in flight on the one connection: 32 threads each looping node.read
@@ -140,7 +106,7 @@ def main() -> None:
                 return run
 
             q32 = qemu_img_bench(uri, n, BS, depth=QD, repeats=repeats)
-            ours32 = best_of(repeats, reads_qd(rand, QD))
+            ours32 = best_of_ns(repeats, reads_qd(rand, QD)) / 1e9
             node.close()
             fnode.close()
         finally:

@@ -13,12 +13,10 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import tempfile
-import time
 
 import blockemu
-from _peers import qemu_img_bench
+from _peers import qemu_img_bench, start_qemu_nbd
 from _results import Results
 
 SIZE = 64 << 20
@@ -43,14 +41,8 @@ def main() -> None:
         with open(ours_img, "wb") as f:
             f.write(random.Random(1).randbytes(SIZE))
         shutil.copyfile(ours_img, theirs_img)
-        pidfile = os.path.join(tmp, "pid")
         qsock = os.path.join(tmp, "q.sock")
-        qemu_nbd = ["qemu-nbd", "--fork", "--persistent", "--shared=4", "--cache=writeback"]
-        qemu_nbd += ["-f", "raw", "-x", "exp"]
-        subprocess.run([*qemu_nbd, "--pid-file", pidfile, "-k", qsock, theirs_img], check=True)
-        while not os.path.exists(pidfile) or not open(pidfile).read().strip():
-            time.sleep(0.01)
-        pid = int(open(pidfile).read())
+        pid = start_qemu_nbd(theirs_img, qsock, os.path.join(tmp, "pid"), cache="writeback")
         node = blockemu.open_image(ours_img, format="raw")
         srv = blockemu.NbdServer(f"unix:{os.path.join(tmp, 'o.sock')}")
         try:

@@ -10,29 +10,15 @@ Run: python benches/bench_node_read.py [--quick]
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import random
 import tempfile
-import time
-from collections.abc import Callable
 
 import blockemu
 from _results import Results
+from _timing import best_of_ns
 
 SIZE = 64 << 20
-
-
-def best_of(repeats: int, fn: Callable[[], None]) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        gc.disable()
-        t0 = time.perf_counter_ns()
-        fn()
-        elapsed = time.perf_counter_ns() - t0
-        gc.enable()
-        best = min(best, elapsed)
-    return best
 
 
 def main() -> None:
@@ -82,10 +68,10 @@ def main() -> None:
                     pread(fd, 1 << 20, o)
 
             # Interleave baseline and ours so drift affects both.
-            t_node_s = min(best_of(repeats, node_small), best_of(repeats, node_small))
-            t_pread_s = min(best_of(repeats, pread_small), best_of(repeats, pread_small))
-            t_node_b = best_of(repeats, node_big)
-            t_pread_b = best_of(repeats, pread_big)
+            t_node_s = min(best_of_ns(repeats, node_small), best_of_ns(repeats, node_small))
+            t_pread_s = min(best_of_ns(repeats, pread_small), best_of_ns(repeats, pread_small))
+            t_node_b = best_of_ns(repeats, node_big)
+            t_pread_b = best_of_ns(repeats, pread_big)
         finally:
             os.close(fd)
             node.close()

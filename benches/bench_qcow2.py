@@ -11,28 +11,15 @@ Run: python benches/bench_qcow2.py [--quick]
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import random
 import tempfile
-import time
-from collections.abc import Callable
 
 import blockemu
 from _results import Results
+from _timing import best_of_ns
 
 SIZE = 64 << 20
-
-
-def best_of(repeats: int, fn: Callable[[], None]) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        gc.disable()
-        t0 = time.perf_counter_ns()
-        fn()
-        best = min(best, time.perf_counter_ns() - t0)
-        gc.enable()
-    return best
 
 
 def main() -> None:
@@ -77,8 +64,10 @@ def main() -> None:
 
                 # Reads first (on the sparse image: of unallocated clusters); the first write
                 # pass on a sparse image is the allocating one, so it is timed alone.
-                t_r = best_of(repeats, reads)
-                t_w = best_of(1, writes) if name == "qcow2 sparse" else best_of(repeats, writes)
+                t_r = best_of_ns(repeats, reads)
+                t_w = (
+                    best_of_ns(1, writes) if name == "qcow2 sparse" else best_of_ns(repeats, writes)
+                )
                 results[name] = (n / (t_r / 1e9), n / (t_w / 1e9))
             finally:
                 node.close()
